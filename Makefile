@@ -1,0 +1,68 @@
+# sealvm: live re-exec of QEMU with sealed memfd guest RAM.
+#
+#   make demo    build what is missing, then run the main job
+#   make test    build what is missing, then run the test suite
+#   make check   ruff + mypy --strict (+ the series' own checks once present)
+#
+# Heavy artefacts live in a content-addressed cache outside the repo:
+# $(SEALVM_CACHE) (default ~/.cache/sealvm); see scripts/lib.sh.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export SEALVM_CACHE ?= $(HOME)/.cache/sealvm
+
+QEMU = $(shell scripts/build-qemu --print 2>/dev/null)
+GUEST = $(shell scripts/build-guest --print 2>/dev/null)
+
+.PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
+	check test test-unit demo clean-venv
+
+all: deps qemu guest
+
+deps: venv
+	@scripts/install-deps
+
+$(VENV)/.installed: pyproject.toml
+	@scripts/install-deps
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+qemu: deps
+	@scripts/build-qemu
+
+qemu-upstream: deps
+	@scripts/build-qemu --upstream
+
+print-qemu:
+	@scripts/build-qemu --print
+
+print-qemu-upstream:
+	@scripts/build-qemu --upstream --print
+
+guest:
+	@scripts/build-guest
+
+print-guest:
+	@scripts/build-guest --print
+
+check: venv
+	$(VENV)/bin/ruff check control tests
+	$(VENV)/bin/mypy
+
+# Everything the tests need is built first; pytest gets the paths in env.
+test: deps qemu guest
+	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -ra tests/unit
+
+demo: deps qemu guest
+	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m sealvm.demo
+
+clean-venv:
+	rm -rf $(VENV)

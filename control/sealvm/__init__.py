@@ -1,0 +1,52 @@
+"""
+sealvm: live re-exec of QEMU under a running guest.
+
+Guest RAM lives in sealed memfds that survive exec; VFIO maps it by file.
+The library launches VMs (`Machine`), and replaces their QEMU in place
+(`live_update`), refusing before the guest pauses whenever guest memory
+could be lost (`PreflightError`).
+"""
+
+import logging
+
+from .console import ConsoleFollower, ConsoleLog, Heartbeat, read_console
+from .errors import (
+    HostError,
+    LaunchError,
+    PreflightError,
+    QMPReplyError,
+    SealvmError,
+    SpecError,
+    StateError,
+    UpdateError,
+)
+from .machine import Machine, default_run_root
+from .spec import GuestSpec, MemorySpec, VfioSpec, VmSpec, load_spec, spec_from_dict
+from .update import UpdateReport, live_update
+
+logging.getLogger("sealvm").addHandler(logging.NullHandler())
+
+__all__ = [
+    "ConsoleFollower",
+    "ConsoleLog",
+    "GuestSpec",
+    "Heartbeat",
+    "HostError",
+    "LaunchError",
+    "Machine",
+    "MemorySpec",
+    "PreflightError",
+    "QMPReplyError",
+    "SealvmError",
+    "SpecError",
+    "StateError",
+    "UpdateError",
+    "UpdateReport",
+    "VfioSpec",
+    "VmSpec",
+    "default_run_root",
+    "live_update",
+    "load_spec",
+    "read_console",
+    "spec_from_dict",
+]

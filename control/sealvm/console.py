@@ -1,0 +1,231 @@
+"""
+The test guest's serial console: parsing and a timestamping follower.
+
+The guest (images/guest) prints one line per event::
+
+    SEALVM-GUEST v1 ram=... hb_ms=10 ...
+    HB <seq> t=<guest ms> gen=<g> mism=<n> [k=v ...]
+    PASS gen=<g> mism=<n> ms=<t>
+    MISMATCH gen=<g> addr=0x<a> words=<n> expected=0x<e> got=0x<v>
+
+The guest's clock stops while QEMU is paused, so a pause can only be seen
+from the host: `ConsoleFollower` timestamps each line when it reaches the
+serial log (inotify, no polling), and the largest gap between consecutive
+heartbeats, minus the interval, is the pause the guest went through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from . import _ffi
+
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    seq: int
+    guest_ms: int
+    values: dict[str, str]
+    host_time: float = 0.0  # time.monotonic() when the line arrived
+
+    def int(self, key: str, default: int = 0) -> int:
+        value = self.values.get(key)
+        return default if value is None else int(value, 0)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    gen: int
+    addr: int
+    words: int
+    expected: int
+    got: int
+
+
+@dataclass(frozen=True)
+class Pass:
+    gen: int
+    mismatches: int
+    ms: int
+
+
+Event = Heartbeat | Mismatch | Pass
+
+
+def parse_line(line: str, host_time: float = 0.0) -> Event | None:
+    """Parse one console line; None for lines that are not events."""
+    if line.startswith("HB "):
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            return None
+        values = dict(_KV.findall(parts[2] if len(parts) > 2 else ""))
+        try:
+            guest_ms = int(values.pop("t"))
+        except (KeyError, ValueError):
+            return None
+        return Heartbeat(int(parts[1]), guest_ms, values, host_time)
+    if line.startswith("MISMATCH "):
+        kv = dict(_KV.findall(line))
+        try:
+            return Mismatch(
+                gen=int(kv["gen"]),
+                addr=int(kv["addr"], 16),
+                words=int(kv["words"]),
+                expected=int(kv["expected"], 16),
+                got=int(kv["got"], 16),
+            )
+        except (KeyError, ValueError):
+            return None
+    if line.startswith("PASS "):
+        kv = dict(_KV.findall(line))
+        try:
+            return Pass(int(kv["gen"]), int(kv["mism"]), int(kv["ms"]))
+        except (KeyError, ValueError):
+            return None
+    return None
+
+
+@dataclass
+class ConsoleLog:
+    """Everything parsed from a console log, in order."""
+
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    passes: list[Pass] = field(default_factory=list)
+    banners: int = 0
+    #: banners after a heartbeat: the guest started over
+    reboots: int = 0
+
+    def add(self, line: str, host_time: float = 0.0) -> Event | None:
+        if line.startswith("SEALVM-GUEST "):
+            self.banners += 1
+            if self.heartbeats:
+                self.reboots += 1
+        ev = parse_line(line, host_time)
+        if isinstance(ev, Heartbeat):
+            self.heartbeats.append(ev)
+        elif isinstance(ev, Mismatch):
+            self.mismatches.append(ev)
+        elif isinstance(ev, Pass):
+            self.passes.append(ev)
+        return ev
+
+    @property
+    def mismatched_words(self) -> int:
+        return sum(m.words for m in self.mismatches)
+
+    def counter_continuous(self) -> bool:
+        """True when heartbeat sequence numbers never reset or skip."""
+        seqs = [hb.seq for hb in self.heartbeats]
+        return all(b == a + 1 for a, b in zip(seqs, seqs[1:], strict=False))
+
+    def largest_gap(self, start: int = 0) -> float:
+        """Largest host-time gap between consecutive heartbeats from index
+        *start* on (seconds)."""
+        times = [hb.host_time for hb in self.heartbeats[start:]]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def read_console(path: Path) -> ConsoleLog:
+    """Parse a whole console log (no timestamps)."""
+    log = ConsoleLog()
+    with open(path, errors="replace") as f:
+        for line in f:
+            log.add(line.rstrip("\r\n"))
+    return log
+
+
+class ConsoleFollower:
+    """Follow a growing console log, timestamping each complete line.
+
+    Use as an async context manager; it starts at the current end of the
+    file.  `wait_for` waits (without polling) until a parsed event satisfies a
+    predicate.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.log = ConsoleLog()
+        self._fd = -1
+        self._ifd = -1
+        self._partial = b""
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> ConsoleFollower:
+        self._ifd = _ffi.inotify_init1(_ffi.IN_NONBLOCK | _ffi.IN_CLOEXEC)
+        try:
+            _ffi.inotify_add_watch(self._ifd, str(self.path), _ffi.IN_MODIFY)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            os.lseek(self._fd, 0, os.SEEK_END)
+        except BaseException:
+            self.close()
+            raise
+        asyncio.get_running_loop().add_reader(self._ifd, self._on_inotify)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._ifd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self._ifd)
+            except RuntimeError:
+                pass
+            os.close(self._ifd)
+            self._ifd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _on_inotify(self) -> None:
+        now = time.monotonic()
+        try:
+            os.read(self._ifd, 65536)
+        except BlockingIOError:
+            pass
+        self._drain(now)
+
+    def _drain(self, now: float) -> None:
+        while True:
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                break
+            data = self._partial + chunk
+            *lines, self._partial = data.split(b"\n")
+            for raw in lines:
+                self.log.add(raw.decode(errors="replace").rstrip("\r"), now)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[ConsoleLog], bool], timeout: float) -> None:
+        """Wait until *predicate(log)* holds.
+
+        :raise TimeoutError: when it does not hold within *timeout* seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate(self.log):
+                self._changed.clear()
+                if self._fd >= 0:
+                    self._drain(time.monotonic())
+                    if predicate(self.log):
+                        return
+                await self._changed.wait()
+
+    async def wait_heartbeats(self, count: int, timeout: float) -> None:
+        """Wait until *count* more heartbeats than now have arrived."""
+        target = len(self.log.heartbeats) + count
+        await self.wait_for(lambda log: len(log.heartbeats) >= target, timeout)

@@ -1,0 +1,153 @@
+"""
+From a spec to a QEMU command line and the fds passed to it.
+
+sealvm opens what needs privilege or must outlive a QEMU process itself and
+passes the fds; QEMU only refers to them by number:
+
+- the QMP listening socket (``-chardev socket,fd=N,server=on``): created by
+  sealvm, mode 0600, inherited across cpr-exec, so the controller can connect
+  to the new QEMU the moment it listens, without polling for the path;
+- VFIO: /dev/iommu and the vfio cdevs (iommufd backend), opened by sealvm.
+
+No command line ever goes through a shell, including cpr-exec-command.
+Pure functions: nothing here starts a process or opens a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .spec import VmSpec
+
+#: Memory backend and machine ids, fixed so tools can find the RAM block.
+RAM_ID = "ram0"
+IOMMUFD_ID = "iommufd0"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Files of one VM in its run directory (0700)."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def serial(self) -> Path:
+        return self.root / "serial.log"
+
+    @property
+    def cpr_state(self) -> Path:
+        return self.root / "cpr-state"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+
+@dataclass(frozen=True)
+class FdPlan:
+    """fd numbers (in QEMU) that sealvm opens and passes, by role."""
+
+    qmp_listen: int
+    iommufd: int | None = None
+    vfio: dict[str, int] = field(default_factory=dict)  # device id -> cdev fd
+
+    def all(self) -> list[int]:
+        fds = [self.qmp_listen, *self.vfio.values()]
+        if self.iommufd is not None:
+            fds.append(self.iommufd)
+        return sorted(fds)
+
+
+def _size_arg(size: int) -> str:
+    return str(size)
+
+
+def memory_args(spec: VmSpec) -> list[str]:
+    mem = spec.memory
+    if mem.backend == "memfd":
+        opts = f"memory-backend-memfd,id={RAM_ID},size={_size_arg(mem.size)},share=on,seal=on"
+        if mem.hugetlb:
+            opts += f",hugetlb=on,hugetlbsize={mem.hugetlbsize}"
+    else:
+        opts = f"memory-backend-ram,id={RAM_ID},size={_size_arg(mem.size)}"
+    return ["-object", opts]
+
+
+def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
+    args: list[str] = []
+    if any(d.backend == "iommufd" for d in spec.vfio):
+        if fds.iommufd is None:
+            raise ValueError("iommufd devices need FdPlan.iommufd")
+        args += ["-object", f"iommufd,id={IOMMUFD_ID},fd={fds.iommufd}"]
+    for dev in spec.vfio:
+        if dev.backend == "iommufd":
+            opts = f"vfio-pci,id={dev.id},iommufd={IOMMUFD_ID},fd={fds.vfio[dev.id]}"
+        elif dev.host is not None:
+            opts = f"vfio-pci,id={dev.id},host={dev.host}"
+        else:
+            opts = f"vfio-pci,id={dev.id},sysfsdev={dev.sysfsdev}"
+        args += ["-device", opts]
+    return args
+
+
+def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan) -> list[str]:
+    """The full argv of QEMU for *spec* (argv[0] is spec.qemu)."""
+    machine = f"{spec.machine},memory-backend={RAM_ID}"
+    if spec.memory.backend == "memfd":
+        machine += ",aux-ram-share=on"
+    argv = [
+        str(spec.qemu),
+        "-name", f"{spec.name},debug-threads=on",
+        "-machine", machine,
+        "-accel", spec.accel,
+        "-cpu", "max",
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory.size >> 20}M",  # a bare number would mean MiB
+        *memory_args(spec),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-msg", "timestamp=on",
+    ]
+    for fw in spec.firmware:
+        argv += ["-L", str(fw)]
+    argv += [
+        "-kernel", str(spec.guest.kernel),
+        "-append", spec.guest.cmdline,
+        "-chardev", f"socket,id=qmp,fd={fds.qmp_listen},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=serial0,path={spec.serial_log or paths.serial},append=on",
+        "-serial", "chardev:serial0",
+        *vfio_args(spec, fds),
+        *spec.extra_args,
+    ]
+    return argv
+
+
+def incoming_argv(argv: list[str], qemu: Path | None = None) -> list[str]:
+    """The argv for the QEMU that takes over: same devices, possibly a new
+    binary, waiting for ``migrate-incoming`` (``-incoming defer``)."""
+    out = list(argv)
+    # drop any previous -incoming
+    i = 0
+    while i < len(out):
+        if out[i] == "-incoming":
+            del out[i : i + 2]
+        else:
+            i += 1
+    if qemu is not None:
+        out[0] = str(qemu)
+    return out + ["-incoming", "defer"]

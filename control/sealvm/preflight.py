@@ -1,0 +1,183 @@
+"""
+Preflight: everything a live update needs, checked before the guest pauses.
+
+Each check returns a `Check` (name, ok, detail).  `run_preflight` runs them
+all and raises `PreflightError` listing every failure; the only state it
+touches (the migration mode, to read QEMU's blockers for that mode) is put
+back as it was, so a refused update leaves the VM exactly as it found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import procfs
+from .errors import PreflightError, QMPReplyError
+from .plan import RAM_ID
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+MODES = ("cpr-exec", "cpr-transfer")
+#: Free space wanted next to the CPR state file (device state only; RAM is
+#: never copied, so a few MiB suffice; keep a margin).
+STATE_ROOM = 64 << 20
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class BinaryInfo:
+    path: Path
+    version: str
+    machines: frozenset[str]
+
+
+async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "QEMU_CPR_EXEC_STATE"}
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def probe_binary(path: Path, *, timeout: float = 20.0) -> BinaryInfo:
+    """Run a QEMU binary to learn its version and machine types.
+
+    :raise OSError: when it cannot be executed.
+    :raise ValueError: when its output is not QEMU's.
+    :raise TimeoutError: when it does not answer in *timeout*.
+    """
+    rc, out = await _run([str(path), "--version"], timeout)
+    m = re.search(r"QEMU emulator version (\S+)", out)
+    if rc != 0 or not m:
+        raise ValueError(f"{path} --version: not QEMU (exit {rc}): {out.strip()[:200]}")
+    rc, out = await _run([str(path), "-machine", "help"], timeout)
+    machines = set()
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if parts:
+            machines.add(parts[0])
+            alias = re.search(r"\(alias of (\S+)\)", line)
+            if alias:
+                machines.add(alias.group(1))
+    return BinaryInfo(path=path, version=m.group(1), machines=frozenset(machines))
+
+
+async def check_binary(vm: Machine, qemu: Path) -> Check:
+    if not qemu.is_file():
+        return Check("new-binary", False, f"{qemu} does not exist")
+    if not os.access(qemu, os.X_OK):
+        return Check("new-binary", False, f"{qemu} is not executable")
+    try:
+        info = await probe_binary(qemu)
+    except (OSError, ValueError, TimeoutError) as exc:
+        return Check("new-binary", False, f"{qemu} does not run: {exc}")
+    mtype = await vm.execute("qom-get", {"path": "/machine", "property": "type"})
+    if not isinstance(mtype, str):
+        raise QMPReplyError("qom-get", f"machine type is {mtype!r}")
+    mname = mtype.removesuffix("-machine")
+    if mname not in info.machines:
+        return Check("new-binary", False,
+                     f"QEMU {info.version} at {qemu} lacks machine type {mname}")
+    return Check("new-binary", True, f"QEMU {info.version} accepts {mname}")
+
+
+def check_ram(vm: Machine) -> Check:
+    assert vm.pid is not None
+    if vm.spec.memory.backend != "memfd":
+        return Check("ram", False,
+                     f"guest RAM is memory-backend-{vm.spec.memory.backend}, not a shared "
+                     "memfd: it would not survive the update (use backend = \"memfd\")")
+    ram = [m for m in procfs.memfds(vm.pid) if m.is_backend]
+    if not ram:
+        return Check("ram", False, f"QEMU (pid {vm.pid}) holds no guest-RAM memfd")
+    m = ram[0]
+    return Check("ram", True, f"{RAM_ID}: memfd inode {m.inode}, {m.size >> 20} MiB, "
+                 f"seals {'|'.join(m.seal_names) or 'none'}")
+
+
+async def check_aux_ram_share(vm: Machine) -> Check:
+    value = await vm.execute("qom-get", {"path": "/machine", "property": "aux-ram-share"})
+    if value is not True:
+        return Check("aux-ram-share", False,
+                     "-machine aux-ram-share is off: ROM/firmware RAM would be lost")
+    return Check("aux-ram-share", True, "on")
+
+
+def check_room(path: Path) -> Check:
+    usage = shutil.disk_usage(path.parent)
+    if usage.free < STATE_ROOM:
+        return Check("state-room", False,
+                     f"{path.parent} has {usage.free >> 20} MiB free, need {STATE_ROOM >> 20}")
+    return Check("state-room", True, f"{usage.free >> 20} MiB free in {path.parent}")
+
+
+async def check_blockers(vm: Machine, mode: str) -> Check:
+    """QEMU's own blockers for *mode* (query-migrate blocked-reasons).
+
+    Blockers are per mode: the mode is set to read them, then put back.
+    """
+    params = await vm.execute("query-migrate-parameters")
+    old_mode = params.get("mode", "normal") if isinstance(params, dict) else "normal"
+    await vm.execute("migrate-set-parameters", {"mode": mode})
+    try:
+        info = await vm.execute("query-migrate")
+    finally:
+        if old_mode != mode:
+            await vm.execute("migrate-set-parameters", {"mode": old_mode})
+    if not isinstance(info, dict):
+        raise QMPReplyError("query-migrate", f"malformed reply {info!r}")
+    status = info.get("status")
+    if status in ("setup", "active", "device", "wait-unplug", "cancelling", "pre-switchover"):
+        return Check("migration-idle", False, f"a migration is already {status}")
+    reasons = info.get("blocked-reasons") or []
+    if reasons:
+        return Check("qemu-blockers", False, "; ".join(str(r) for r in reasons))
+    return Check("qemu-blockers", True, f"none for {mode}")
+
+
+async def run_preflight(vm: Machine, *, mode: str, qemu: Path) -> list[Check]:
+    """Run every check; raise if any fails.
+
+    :raise PreflightError: listing every failed check (the VM is untouched).
+    """
+    if mode not in MODES:
+        raise PreflightError([f"mode {mode!r} is not one of {', '.join(MODES)}"])
+    checks: list[Check] = []
+    status = await vm.status()
+    checks.append(Check("vm-state", status in ("running", "paused"),
+                        f"guest is {status}"))
+    checks.append(check_ram(vm))
+    checks.append(await check_aux_ram_share(vm))
+    checks.append(await check_binary(vm, qemu))
+    checks.append(check_room(vm.paths.cpr_state))
+    checks.append(await check_blockers(vm, mode))
+    failed = [str(c) for c in checks if not c.ok]
+    if failed:
+        raise PreflightError(failed)
+    return checks

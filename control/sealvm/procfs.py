@@ -1,0 +1,130 @@
+"""
+What a running QEMU holds, read from outside through /proc.
+
+The source of truth for guest-RAM fds: each memfd a process holds, with its
+inode, size, seals (``F_GET_SEALS``) and whether it can be executed.  Used to
+verify a live update (same inodes before and after) and by tests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+F_SEAL_WRITE = 0x0008
+F_SEAL_FUTURE_WRITE = 0x0010
+F_SEAL_EXEC = 0x0020
+
+SEAL_NAMES = {
+    F_SEAL_SEAL: "SEAL",
+    F_SEAL_SHRINK: "SHRINK",
+    F_SEAL_GROW: "GROW",
+    F_SEAL_WRITE: "WRITE",
+    F_SEAL_FUTURE_WRITE: "FUTURE_WRITE",
+    F_SEAL_EXEC: "EXEC",
+}
+
+#: The seals sealvm expects on every guest-RAM memfd.
+RAM_SEALS = F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL
+
+_MEMFD_PREFIX = "/memfd:"
+
+#: QEMU names a memory-backend-memfd's memfd after the backend's type, not
+#: its id; aux RAM (aux-ram-share=on) memfds carry the RAM block's name.
+BACKEND_MEMFD_NAME = "memory-backend-memfd"
+
+
+def seal_names(seals: int) -> list[str]:
+    """``0x7`` -> ``['SEAL', 'SHRINK', 'GROW']``."""
+    return [name for bit, name in SEAL_NAMES.items() if seals & bit]
+
+
+@dataclass(frozen=True)
+class Memfd:
+    """One memfd held by a process."""
+
+    fd: int
+    name: str
+    inode: int
+    size: int
+    seals: int
+    executable: bool
+
+    @property
+    def seal_names(self) -> list[str]:
+        return seal_names(self.seals)
+
+    @property
+    def is_backend(self) -> bool:
+        """True for a memory-backend-memfd (guest RAM proper), not aux RAM."""
+        return self.name == BACKEND_MEMFD_NAME
+
+    def has_seals(self, seals: int) -> bool:
+        return self.seals & seals == seals
+
+
+def get_seals(fd: int) -> int:
+    """F_GET_SEALS on an open fd (EINVAL if the file does not support seals)."""
+    return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+
+
+def memfds(pid: int) -> list[Memfd]:
+    """Every memfd process *pid* holds, sorted by fd number.
+
+    :raise ProcessLookupError: when the process does not exist.
+    """
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        entries = os.listdir(fd_dir)
+    except FileNotFoundError as exc:
+        raise ProcessLookupError(pid) from exc
+    found = []
+    for entry in entries:
+        path = f"{fd_dir}/{entry}"
+        try:
+            target = os.readlink(path)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if not target.startswith(_MEMFD_PREFIX):
+            continue
+        name = target[len(_MEMFD_PREFIX):].removesuffix(" (deleted)")
+        try:
+            mfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            st = os.fstat(mfd)
+            seals = get_seals(mfd)
+        finally:
+            os.close(mfd)
+        found.append(
+            Memfd(
+                fd=int(entry),
+                name=name,
+                inode=st.st_ino,
+                size=st.st_size,
+                seals=seals,
+                executable=bool(stat.S_IMODE(st.st_mode) & 0o111),
+            )
+        )
+    return sorted(found, key=lambda m: m.fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z"
+
+
+def exe_of(pid: int) -> str:
+    """The executable *pid* runs now (changes at exec)."""
+    return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")

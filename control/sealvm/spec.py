@@ -1,0 +1,334 @@
+"""
+VM specs: what a user writes (TOML or Python), validated up front.
+
+A spec is a tree of frozen dataclasses.  `load_spec` reads TOML, resolves
+relative paths against the file's directory, and validates; every problem
+raises `SpecError` naming the field and the fix.  Nothing here touches QEMU.
+
+Example::
+
+    name = "demo"
+    qemu = "/path/to/qemu-system-x86_64"   # default: $SEALVM_QEMU
+    cpus = 1
+
+    [memory]
+    size = "1G"                 # bytes, or with K/M/G suffix
+    backend = "memfd"           # memfd (sealed, shared) | ram (cannot live-update)
+    hugetlb = false
+
+    [guest]
+    kernel = "guest.bin"
+    cmdline = "hb_ms=10"
+
+    [[vfio]]
+    host = "0000:00:01.0"       # or sysfsdev = "/sys/bus/mdev/devices/<uuid>"
+    backend = "iommufd"         # iommufd | legacy
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_PCI = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
+
+MACHINES = ("q35", "pc")
+ACCELS = ("tcg", "kvm")
+MEMORY_BACKENDS = ("memfd", "ram")
+VFIO_BACKENDS = ("iommufd", "legacy")
+DEFAULT_FIRMWARE = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    size: int
+    backend: str = "memfd"
+    hugetlb: bool = False
+    hugetlbsize: int = 2 * MIB
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    kernel: Path
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class VfioSpec:
+    """One assigned device: a PCI function (``host``) or an mdev (``sysfsdev``)."""
+
+    id: str
+    backend: str = "iommufd"
+    host: str | None = None
+    sysfsdev: Path | None = None
+
+    @property
+    def sysfs_path(self) -> Path:
+        if self.sysfsdev is not None:
+            return self.sysfsdev
+        return Path("/sys/bus/pci/devices") / str(self.host)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    qemu: Path
+    memory: MemorySpec
+    guest: GuestSpec
+    machine: str = "q35"
+    accel: str = "tcg"
+    cpus: int = 1
+    serial_log: Path | None = None
+    firmware: tuple[Path, ...] = DEFAULT_FIRMWARE
+    vfio: tuple[VfioSpec, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+    def with_qemu(self, qemu: Path) -> VmSpec:
+        return replace(self, qemu=qemu)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML-shaped dict that `spec_from_dict` reads back unchanged."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "qemu": str(self.qemu),
+            "machine": self.machine,
+            "accel": self.accel,
+            "cpus": self.cpus,
+            "firmware": [str(p) for p in self.firmware],
+            "extra_args": list(self.extra_args),
+            "memory": {
+                "size": self.memory.size,
+                "backend": self.memory.backend,
+                "hugetlb": self.memory.hugetlb,
+                "hugetlbsize": self.memory.hugetlbsize,
+            },
+            "guest": {"kernel": str(self.guest.kernel), "cmdline": self.guest.cmdline},
+            "vfio": [
+                {
+                    k: str(v)
+                    for k, v in (
+                        ("id", d.id),
+                        ("backend", d.backend),
+                        ("host", d.host),
+                        ("sysfsdev", d.sysfsdev),
+                    )
+                    if v is not None
+                }
+                for d in self.vfio
+            ],
+        }
+        if self.serial_log is not None:
+            out["serial_log"] = str(self.serial_log)
+        return out
+
+
+def parse_size(value: object, field_name: str) -> int:
+    """``"1G"`` / ``"512MiB"`` / ``1073741824`` -> bytes."""
+    if isinstance(value, bool):
+        raise SpecError(field_name, f"expected a size, got {value!r}", 'write e.g. "1G"')
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    else:
+        raise SpecError(field_name, f"cannot parse size {value!r}", 'write e.g. "1G" or "512M"')
+    if size <= 0:
+        raise SpecError(field_name, "size must be positive", 'write e.g. "1G"')
+    return size
+
+
+class _Table:
+    """A TOML table being consumed field by field, to catch unknown keys."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, dict):
+            raise SpecError(where or "spec", f"expected a table, got {type(data).__name__}")
+        self.data: dict[str, object] = dict(data)
+        self.where = where
+        self.known: list[str] = []
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: object = None) -> Any:
+        self.known.append(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ in (int, (int,))):
+            names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise SpecError(self.path(key), f"expected {names}, got {value!r}")
+        return value
+
+    def require(self, key: str, typ: type | tuple[type, ...], fix: str) -> Any:
+        if key not in self.data:
+            self.known.append(key)
+            raise SpecError(self.path(key), "missing", fix)
+        return self.get(key, typ)
+
+    def done(self) -> None:
+        for key in self.data:
+            if key not in self.known:
+                close = difflib.get_close_matches(key, self.known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(self.known)}"
+                raise SpecError(self.path(key), "unknown field", hint)
+
+
+def _choice(value: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise SpecError(where, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
+
+
+def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
+    """Build and validate a spec from a TOML-shaped dict.
+
+    Relative paths are resolved against *base* (default: the cwd).
+
+    :raise SpecError: on the first invalid field.
+    """
+    base = base or Path.cwd()
+    top = _Table(data, "")
+    name = top.require("name", str, 'give the VM a name, e.g. name = "demo"')
+    if not _NAME.match(name):
+        raise SpecError("name", f"{name!r} is not a valid VM name", "use letters, digits, . _ -")
+    qemu_s = top.get("qemu", str) or os.environ.get("SEALVM_QEMU")
+    if not qemu_s:
+        raise SpecError("qemu", "no QEMU binary", "set qemu = PATH or $SEALVM_QEMU")
+    qemu = _path(qemu_s, base)
+    machine = _choice(top.get("machine", str, "q35"), MACHINES, "machine")
+    accel = _choice(top.get("accel", str, "tcg"), ACCELS, "accel")
+    cpus = top.get("cpus", int, 1)
+    if not 1 <= cpus <= 64:
+        raise SpecError("cpus", f"{cpus} is out of range", "use 1 to 64")
+    serial = top.get("serial_log", str)
+    firmware = top.get("firmware", list)
+    if firmware is not None and not all(isinstance(f, str) for f in firmware):
+        raise SpecError("firmware", "expected a list of directories")
+    extra = top.get("extra_args", list, [])
+    if not all(isinstance(a, str) for a in extra):
+        raise SpecError("extra_args", "expected a list of strings", 'e.g. ["-d", "guest_errors"]')
+
+    mt = _Table(top.require("memory", dict, 'add [memory] with size = "1G"'), "memory")
+    memory = MemorySpec(
+        size=parse_size(mt.require("size", (int, str), 'e.g. size = "1G"'), "memory.size"),
+        backend=_choice(mt.get("backend", str, "memfd"), MEMORY_BACKENDS, "memory.backend"),
+        hugetlb=mt.get("hugetlb", bool, False),
+        hugetlbsize=parse_size(mt.get("hugetlbsize", (int, str), 2 * MIB), "memory.hugetlbsize"),
+    )
+    mt.done()
+    if memory.size < 16 * MIB:
+        raise SpecError("memory.size", f"{memory.size} bytes is too small", "use at least 16M")
+    if memory.size % (2 * MIB):
+        raise SpecError("memory.size", "not a multiple of 2 MiB", "round to a multiple of 2M")
+    if memory.hugetlb and memory.backend != "memfd":
+        raise SpecError("memory.hugetlb", "needs backend = \"memfd\"", 'set backend = "memfd"')
+    if memory.hugetlb and memory.size % memory.hugetlbsize:
+        raise SpecError("memory.size", "not a multiple of hugetlbsize", "round it up")
+
+    gt = _Table(top.require("guest", dict, 'add [guest] with kernel = "PATH"'), "guest")
+    guest = GuestSpec(
+        kernel=_path(gt.require("kernel", str, 'e.g. kernel = "guest.bin"'), base),
+        cmdline=gt.get("cmdline", str, ""),
+    )
+    gt.done()
+
+    devices: list[VfioSpec] = []
+    for i, raw in enumerate(top.get("vfio", list, [])):
+        vt = _Table(raw, f"vfio[{i}]")
+        host = vt.get("host", str)
+        sysfsdev = vt.get("sysfsdev", str)
+        if (host is None) == (sysfsdev is None):
+            raise SpecError(vt.where, "give exactly one of host or sysfsdev",
+                            'host = "0000:00:01.0" or sysfsdev = "/sys/bus/mdev/devices/UUID"')
+        if host is not None and not _PCI.match(host):
+            raise SpecError(vt.path("host"), f"{host!r} is not a PCI address", "e.g. 0000:00:01.0")
+        dev_id = vt.get("id", str, f"vfio{i}")
+        if not _NAME.match(dev_id):
+            raise SpecError(vt.path("id"), f"{dev_id!r} is not a valid id", "letters, digits, -")
+        devices.append(
+            VfioSpec(
+                id=dev_id,
+                backend=_choice(vt.get("backend", str, "iommufd"), VFIO_BACKENDS,
+                                vt.path("backend")),
+                host=host,
+                sysfsdev=Path(sysfsdev) if sysfsdev else None,
+            )
+        )
+        vt.done()
+    ids = [d.id for d in devices]
+    if len(set(ids)) != len(ids):
+        raise SpecError("vfio", "device ids are not unique", "give each [[vfio]] its own id")
+    top.done()
+
+    return VmSpec(
+        name=name,
+        qemu=qemu,
+        memory=memory,
+        guest=guest,
+        machine=machine,
+        accel=accel,
+        cpus=cpus,
+        serial_log=_path(serial, base) if serial else None,
+        firmware=tuple(_path(f, base) for f in firmware) if firmware else DEFAULT_FIRMWARE,
+        vfio=tuple(devices),
+        extra_args=tuple(extra),
+    )
+
+
+def load_spec(path: Path) -> VmSpec:
+    """Read and validate a TOML spec file.
+
+    :raise SpecError: when the file cannot be read or a field is invalid.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise SpecError(str(path), f"cannot read spec: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(str(path), f"not valid TOML: {exc}") from exc
+    return spec_from_dict(data, base=path.resolve().parent)
+
+
+def check_files(spec: VmSpec) -> None:
+    """Check that the files a spec names exist (done at launch, not at parse).
+
+    :raise SpecError: naming the field of the first missing file.
+    """
+    if not os.access(spec.qemu, os.X_OK):
+        raise SpecError("qemu", f"{spec.qemu} is not an executable file",
+                        "build it with `make qemu` or fix the path")
+    if not spec.guest.kernel.is_file():
+        raise SpecError("guest.kernel", f"{spec.guest.kernel} does not exist",
+                        "build it with `make guest` or fix the path")
+
+
+__all__ = [
+    "GuestSpec",
+    "MemorySpec",
+    "VfioSpec",
+    "VmSpec",
+    "check_files",
+    "load_spec",
+    "parse_size",
+    "spec_from_dict",
+]

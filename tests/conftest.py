@@ -1,0 +1,95 @@
+"""
+Shared fixtures: the built QEMU and test guest, a private run directory,
+and a leak check around every test (no QEMU, socket or run file left).
+
+Capability gates skip with a reason; they never fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sealvm import Machine, spec_from_dict
+from sealvm.spec import VmSpec
+
+
+def _children_qemus(root: Path) -> list[int]:
+    """QEMU processes whose command line mentions *root* (ours)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(root).encode() in cmd:
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Iterator[Path]:
+    """A private run directory; afterwards, nothing of a VM may remain."""
+    root = tmp_path / "run"
+    root.mkdir()
+    yield root
+    leaked = _children_qemus(root)
+    sockets = [p for p in root.rglob("*") if p.is_socket()]
+    states = list(root.rglob("state.json"))
+    assert not leaked, f"QEMU processes left running: {leaked}"
+    assert not sockets, f"sockets left behind: {sockets}"
+    assert not states, f"state files left behind: {states}"
+
+
+@pytest.fixture(scope="session")
+def qemu_binary() -> Path:
+    path = os.environ.get("SEALVM_QEMU")
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip("no built QEMU: run `make test` (sets SEALVM_QEMU) or `make qemu`")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    path = os.environ.get("SEALVM_GUEST")
+    if not path or not os.path.isfile(path):
+        pytest.skip("no test guest: run `make test` (sets SEALVM_GUEST) or `make guest`")
+    return Path(path)
+
+
+HB_MS = 10
+
+
+@pytest.fixture
+def make_spec(qemu_binary: Path, guest_image: Path) -> Callable[..., VmSpec]:
+    """Build a spec for the test guest; keyword overrides go to the TOML dict."""
+
+    def make(name: str = "vm", *, size: str = "256M", backend: str = "memfd",
+             cmdline: str = f"hb_ms={HB_MS}", **extra: object) -> VmSpec:
+        data: dict[str, object] = {
+            "name": name,
+            "qemu": str(qemu_binary),
+            "memory": {"size": size, "backend": backend},
+            "guest": {"kernel": str(guest_image), "cmdline": cmdline},
+        }
+        data.update(extra)
+        return spec_from_dict(data)
+
+    return make
+
+
+@pytest.fixture
+async def vm(make_spec: Callable[..., VmSpec], run_root: Path) -> AsyncIterator[Machine]:
+    """A running test guest with 256 MiB of sealed memfd RAM."""
+    machine = Machine(make_spec(), run_root=run_root)
+    await machine.launch()
+    try:
+        yield machine
+    finally:
+        await machine.shutdown()

@@ -1,0 +1,43 @@
+"""Scenario helpers for tests that drive the real QEMU and test guest."""
+
+from __future__ import annotations
+
+import os
+
+from sealvm import Machine, procfs
+from sealvm.console import ConsoleFollower, ConsoleLog
+
+
+def backend_memfd(vm: Machine) -> procfs.Memfd:
+    """The guest-RAM memfd QEMU holds (memory-backend-memfd)."""
+    assert vm.pid is not None
+    found = [m for m in procfs.memfds(vm.pid) if m.is_backend]
+    assert len(found) == 1, f"expected one backend memfd, found {found}"
+    return found[0]
+
+
+async def wait_full_pass(con: ConsoleFollower, timeout: float = 60.0) -> int:
+    """Wait until the guest has completed a pattern pass that started after
+    now (every word written before now has been verified); returns its gen."""
+    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
+    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
+    return max(p.gen for p in con.log.passes)
+
+
+def assert_guest_intact(log: ConsoleLog) -> None:
+    """No reboot, heartbeat never reset, no pattern mismatch."""
+    assert log.reboots == 0, "the guest rebooted"
+    assert log.heartbeats, "no heartbeat seen"
+    assert log.counter_continuous(), "heartbeat counter reset or skipped"
+    assert not log.mismatches, f"guest memory mismatches: {log.mismatches[:5]}"
+
+
+def corrupt_guest_word(vm: Machine, gpa: int) -> None:
+    """Overwrite one 8-byte word of guest RAM from outside QEMU, through the
+    memfd (guest-physical = file offset below the PCI hole)."""
+    m = backend_memfd(vm)
+    fd = os.open(f"/proc/{vm.pid}/fd/{m.fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, b"\xde\xad\xbe\xef\xde\xad\xbe\xef", gpa)
+    finally:
+        os.close(fd)

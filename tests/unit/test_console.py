@@ -1,0 +1,36 @@
+"""Console line parsing and heartbeat accounting."""
+
+from __future__ import annotations
+
+from sealvm.console import ConsoleLog, Heartbeat, Mismatch, Pass, parse_line
+
+
+def test_parse_heartbeat() -> None:
+    ev = parse_line("HB 42 t=420 gen=3 mism=0", 1.5)
+    assert isinstance(ev, Heartbeat)
+    assert (ev.seq, ev.guest_ms, ev.host_time) == (42, 420, 1.5)
+    assert ev.int("gen") == 3 and ev.int("mism") == 0
+
+
+def test_parse_mismatch_and_pass() -> None:
+    ev = parse_line("MISMATCH gen=2 addr=0x200000 words=512 expected=0xdead got=0x0")
+    assert ev == Mismatch(gen=2, addr=0x200000, words=512, expected=0xDEAD, got=0)
+    assert parse_line("PASS gen=5 mism=0 ms=290") == Pass(5, 0, 290)
+
+
+def test_garbage_is_ignored() -> None:
+    for line in ["", "HB", "HB x t=1", "HB 1 gen=2", "MISMATCH gen=1", "SeaBIOS (version"]:
+        assert parse_line(line) is None
+
+
+def test_log_counts_and_gaps() -> None:
+    log = ConsoleLog()
+    for seq, t in [(0, 0.00), (1, 0.01), (2, 0.02), (3, 0.12), (4, 0.13)]:
+        log.add(f"HB {seq} t={seq * 10} gen=0 mism=0", t)
+    log.add("MISMATCH gen=0 addr=0x1000 words=3 expected=0x1 got=0x2")
+    assert log.counter_continuous()
+    assert abs(log.largest_gap() - 0.10) < 1e-9
+    assert abs(log.largest_gap(3) - 0.01) < 1e-9
+    assert log.mismatched_words == 3
+    log.add("HB 0 t=0 gen=0 mism=0", 0.2)  # a reset guest starts over
+    assert not log.counter_continuous()
