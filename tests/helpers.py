@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from sealvm import Machine, procfs
 from sealvm.console import ConsoleFollower, ConsoleLog
@@ -41,3 +43,23 @@ def corrupt_guest_word(vm: Machine, gpa: int) -> None:
         os.pwrite(fd, b"\xde\xad\xbe\xef\xde\xad\xbe\xef", gpa)
     finally:
         os.close(fd)
+
+
+def failing_qemu(tmp: Path, real: Path, how: str) -> Path:
+    """A QEMU 'upgrade' that answers preflight (--version, -machine help)
+    like *real* but then fails: ``start`` exits at once, ``load`` starts
+    without the serial port the running VM has, so the device state does not
+    load ("Unknown savevm section")."""
+    script = tmp / f"qemu-fails-to-{how}"
+    script.write_text(f"""#!{sys.executable}
+import os, sys
+args = sys.argv[1:]
+if args[:1] not in (["--version"], ["-machine"]):
+    if {how!r} == "start":
+        sys.exit("qemu-fails-to-start: refusing to start")
+    i = args.index("-serial")
+    del args[i:i + 2]
+os.execv({str(real)!r}, [{str(real)!r}] + args)
+""")
+    script.chmod(0o755)
+    return script

@@ -18,6 +18,7 @@ ffi.cdef(
     int inotify_init1(int flags);
     int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
     int memfd_create(const char *name, unsigned int flags);
+    int ioctl(int fd, unsigned long request, ...);
     """
 )
 _libc = ffi.dlopen(None)
@@ -61,3 +62,16 @@ def memfd_create(name: str, flags: int) -> int:
     if fd < 0:
         raise OSError(err, os.strerror(err))
     return fd
+
+
+def _ioctl_int(fd: int, request: int, arg: int) -> tuple[int, int]:
+    """Raw ioctl with an integer argument: (result, errno)."""
+    ret = _libc.ioctl(fd, ffi.cast("unsigned long", request), ffi.cast("unsigned long", arg))
+    return ret, (ffi.errno if ret < 0 else 0)
+
+
+def ioctl_int(fd: int, request: int, arg: int) -> int:
+    ret, err = _ioctl_int(fd, request, arg)
+    if ret < 0:
+        raise OSError(err, os.strerror(err))
+    return int(ret)

@@ -94,6 +94,7 @@ class UpdateError(SealvmError):
     """
 
     def __init__(self, message: str, *, rolled_back: bool) -> None:
+        self.message = message
         self.rolled_back = rolled_back
         state = "old QEMU resumed the guest" if rolled_back else "guest NOT resumed"
         super().__init__(f"{message} [{state}]")

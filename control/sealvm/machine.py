@@ -1,14 +1,15 @@
 """
-One QEMU process running one VM: launch, QMP, lifecycle, teardown.
+One VM run by QEMU: launch, QMP, lifecycle, teardown.
 
 A `Machine` owns a run directory (0700) holding the QMP socket (0600),
 ``state.json``, QEMU's log and the guest's serial log.  The state file lets
 another controller process `Machine.attach` to a VM launched elsewhere (for
 example ``sealvm status`` after ``sealvm up`` returned).
 
-QEMU runs in its own session so it outlives the controller that started it;
-the controller watches it through a pidfd, which also works for a process it
-did not start.  Teardown is idempotent: ``quit`` -> SIGTERM -> SIGKILL.
+sealvm creates the QMP listening socket itself and passes it to QEMU as an
+fd, together with the VFIO fds it opened (/dev/iommu, vfio cdevs).  QEMU
+runs in its own session so it outlives the controller that started it.
+Teardown is idempotent: ``quit`` -> SIGTERM -> SIGKILL.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -33,7 +32,9 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from . import procfs
 from .errors import LaunchError, QMPReplyError, StateError
+from .host import open_vfio_fds
 from .plan import FdPlan, RunPaths, qemu_argv
+from .process import QemuProcess
 from .spec import VmSpec, check_files, spec_from_dict
 
 log = logging.getLogger("sealvm.vm")
@@ -57,6 +58,7 @@ class Runstate(Enum):
 
     IDLE = "idle"  # nothing launched or attached
     RUNNING = "running"  # QEMU process alive, QMP connected
+    DETACHED = "detached"  # QEMU left running, this object let go (connect() again)
     UPDATING = "updating"  # a live update owns the monitor
     STOPPED = "stopped"  # QEMU gone, resources released
 
@@ -83,6 +85,21 @@ class VmState:
         )
 
 
+def listen_unix(path: Path) -> socket.socket:
+    """A listening unix socket at *path*, mode 0600 (stale path replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Machine:
     """A VM run by QEMU, controlled over QMP.
 
@@ -96,11 +113,8 @@ class Machine:
         self.logger = log.getChild(spec.name)
         self.runstate = Runstate.IDLE
         self.state: VmState | None = None
+        self.process: QemuProcess | None = None
         self._qmp: QMPClient | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._pidfd = -1
-        self._exited: asyncio.Event | None = None
-        self._exitcode: int | None = None
         self._subscribers: list[tuple[frozenset[str] | None, asyncio.Queue[dict[str, Any]]]] = []
         self._pump: asyncio.Task[None] | None = None
 
@@ -115,8 +129,8 @@ class Machine:
 
     @property
     def argv(self) -> list[str]:
-        self._require_state()
-        assert self.state is not None
+        if self.state is None:
+            raise StateError(f"VM {self.name}: not launched (call launch() or attach() first)")
         return list(self.state.argv)
 
     @property
@@ -127,21 +141,58 @@ class Machine:
 
     @property
     def exitcode(self) -> int | None:
-        return self._exitcode
+        return self.process.exitcode if self.process else None
 
     def alive(self) -> bool:
-        return self.pid is not None and procfs.pid_alive(self.pid)
-
-    def _require_state(self) -> None:
-        if self.state is None:
-            raise StateError(f"VM {self.name}: not launched (call launch() or attach() first)")
+        return self.process is not None and self.process.alive()
 
     # -------------------------------------------------------------- launching
+
+    def spawn(self, spec: VmSpec, qmp_path: Path, *, extra: list[str] | None = None,
+              extra_fds: list[int] | None = None,
+              fds: FdPlan | None = None) -> tuple[QemuProcess, list[str], FdPlan]:
+        """Start a QEMU for *spec* with its QMP socket at *qmp_path*.
+
+        Without *fds*, the VFIO fds are opened here (first launch); with
+        *fds*, their numbers are only named on the command line (a cpr
+        successor receives the fds themselves through CPR state).  *extra*
+        is appended to the command line, *extra_fds* passed as they are.
+
+        :raise HostError: when a VFIO fd cannot be opened.
+        :raise LaunchError: when QEMU cannot be executed.
+        """
+        listener = listen_unix(qmp_path)
+        vfio = open_vfio_fds(spec.vfio) if fds is None else None
+        try:
+            if vfio is not None:
+                plan = FdPlan(qmp_listen=listener.fileno(), iommufd=vfio.iommufd,
+                              vfio=dict(vfio.devices))
+            else:
+                assert fds is not None
+                plan = FdPlan(qmp_listen=listener.fileno(), iommufd=fds.iommufd,
+                              vfio=dict(fds.vfio))
+            argv = qemu_argv(spec, self.paths, plan) + (extra or [])
+            pass_fds = [listener.fileno(), *(extra_fds or [])] + (
+                [] if vfio is None else [f for f in plan.all() if f != plan.qmp_listen])
+            self.logger.info("starting: %s", " ".join(argv))
+            try:
+                proc = QemuProcess.spawn(argv, pass_fds=pass_fds, log_path=self.paths.qemu_log,
+                                         logger=self.logger)
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    qmp_path.unlink()
+                raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
+        finally:
+            listener.close()  # QEMU holds its own copy
+            if vfio is not None:
+                vfio.close()
+        return proc, argv, plan
 
     async def launch(self, *, timeout: float = 30.0) -> None:
         """Start QEMU and connect to its monitor.
 
         :raise SpecError: when a file the spec names is missing.
+        :raise HostError: when a VFIO device cannot be opened.
         :raise StateError: when this object or the run directory already has
             a live VM.
         :raise LaunchError: when QEMU exits or does not answer in *timeout*;
@@ -151,49 +202,23 @@ class Machine:
             raise StateError(f"VM {self.name}: already {self.runstate.value}")
         check_files(self.spec)
         self._prepare_run_dir()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(str(self.paths.qmp))
-            os.chmod(self.paths.qmp, 0o600)
-            listener.listen(4)
-            fds = FdPlan(qmp_listen=listener.fileno())
-            argv = qemu_argv(self.spec, self.paths, fds)
-            self.logger.info("launching: %s", " ".join(argv))
-            logf = os.open(
-                self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-            )
-            try:
-                self._popen = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=fds.all(),
-                    start_new_session=True,
-                    umask=0o077,
-                )
-            except OSError as exc:
-                raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
-            finally:
-                os.close(logf)
+            self.process, argv, plan = self.spawn(self.spec, self.paths.qmp)
         except BaseException:
-            listener.close()
             self._cleanup_run_dir()
             raise
-        listener.close()  # QEMU holds it now
         self.state = VmState(
             name=self.name,
-            pid=self._popen.pid,
+            pid=self.process.pid,
             argv=argv,
-            fds={"qmp_listen": fds.qmp_listen, "iommufd": fds.iommufd, "vfio": fds.vfio},
+            fds={"qmp_listen": plan.qmp_listen, "iommufd": plan.iommufd, "vfio": plan.vfio},
             spec=self.spec.to_dict(),
             started=time.time(),
         )
         try:
-            self._watch_pid()
-            await self._connect_or_fail(timeout)
+            await self.connect(timeout=timeout)
         except BaseException:
-            await self._kill()
+            await self.process.kill()
             self._release()
             raise
         self.save_state()
@@ -205,7 +230,7 @@ class Machine:
         try:
             root.mkdir(mode=0o700)
         except FileExistsError:
-            old = self._read_state()
+            old = read_state(self.paths)
             if old is not None and procfs.pid_alive(old.pid):
                 raise StateError(
                     f"VM {self.name} is already running (pid {old.pid}); "
@@ -214,20 +239,14 @@ class Machine:
             self._cleanup_run_dir()
         os.chmod(root, 0o700)
 
-    def _read_state(self) -> VmState | None:
-        try:
-            data = json.loads(self.paths.state.read_text())
-            return VmState(**data)
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            return None
-
     def save_state(self) -> None:
         """Write state.json atomically."""
-        self._require_state()
+        if self.state is None:
+            raise StateError(f"VM {self.name}: nothing to save")
         tmp = self.paths.state.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self.state), f, indent=1)  # type: ignore[arg-type]
+            json.dump(asdict(self.state), f, indent=1)
         os.replace(tmp, self.paths.state)
 
     @classmethod
@@ -239,99 +258,84 @@ class Machine:
         :raise LaunchError: when its monitor does not answer in *timeout*.
         """
         paths = RunPaths((run_root or default_run_root()) / name)
-        try:
-            data = json.loads(paths.state.read_text())
-            state = VmState(**data)
-        except FileNotFoundError:
-            raise StateError(f"no VM named {name!r} in {paths.root.parent}") from None
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise StateError(f"VM {name}: unreadable state file {paths.state}: {exc}") from exc
+        if not paths.state.exists():
+            raise StateError(f"no VM named {name!r} in {paths.root.parent}")
+        state = read_state(paths)
+        if state is None:
+            raise StateError(f"VM {name}: unreadable state file {paths.state}")
         if not procfs.pid_alive(state.pid):
             raise StateError(f"VM {name}: QEMU (pid {state.pid}) is not running")
-        spec = spec_from_dict(state.spec)
-        self = cls(spec, run_root=paths.root.parent)
+        self = cls(spec_from_dict(state.spec), run_root=paths.root.parent)
         self.state = state
-        self._watch_pid()
+        self.process = QemuProcess(state.pid, logger=self.logger)
         try:
-            await self._connect_or_fail(timeout)
+            await self.connect(timeout=timeout)
         except BaseException:
-            self._release(keep_run_dir=True)
+            self.process.close()
+            self.process = None
             raise
         self.runstate = Runstate.RUNNING
         return self
 
     # ------------------------------------------------------------------- QMP
 
-    def _watch_pid(self) -> None:
-        assert self.state is not None
-        self._exited = asyncio.Event()
-        try:
-            self._pidfd = os.pidfd_open(self.state.pid)
-        except ProcessLookupError:
-            self._on_exit()
-            return
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
-
-    def _on_exit(self) -> None:
-        if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-        if self._popen is not None:
-            self._exitcode = self._popen.poll()
-        if self._exited is not None:
-            self._exited.set()
-
-    async def wait_exit(self, timeout: float | None = None) -> bool:
-        """Wait for QEMU to exit; False on timeout."""
-        if self._exited is None:
-            return not self.alive()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._exited.wait()
-        except TimeoutError:
-            return False
-        return True
-
     def log_tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.paths.qemu_log.read_text(errors="replace").splitlines()[-lines:])
+            text = self.paths.qemu_log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
-    async def _connect_or_fail(self, timeout: float) -> None:
-        """Connect to the monitor, racing QEMU's exit."""
-        assert self._exited is not None
+    async def open_qmp(self, path: Path, process: QemuProcess, *, timeout: float) -> QMPClient:
+        """Connect a QMP client to *path*, racing *process*'s exit.
+
+        :raise LaunchError: when the process exits first, or on timeout.
+        """
         qmp = QMPClient(self.name)
         qmp.logger = self.logger.getChild("qmp")
-        connect = asyncio.ensure_future(qmp.connect(str(self.paths.qmp)))
-        died = asyncio.ensure_future(self._exited.wait())
+        connect = asyncio.ensure_future(qmp.connect(str(path)))
+        died = asyncio.ensure_future(process.exited.wait())
         try:
             done, _ = await asyncio.wait({connect, died}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             died.cancel()
         if connect in done and connect.exception() is None:
-            self._set_qmp(qmp)
-            return
+            return qmp
         connect.cancel()
         with contextlib.suppress(BaseException):
             await connect
-        with contextlib.suppress(QMPError, OSError):
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await qmp.disconnect()
-        if died.done() or self._exited.is_set():
-            raise LaunchError(f"QEMU for VM {self.name} exited before its monitor answered",
-                              exitcode=self._exitcode, output=self.log_tail())
-        exc = connect.exception() if connect.done() and not connect.cancelled() else None
-        if exc is not None:
-            raise LaunchError(f"cannot connect to {self.paths.qmp}: {exc}",
-                              output=self.log_tail()) from exc
-        raise LaunchError(
-            f"QEMU's monitor for VM {self.name} did not answer within {timeout:.0f} s "
-            "(another client may hold it)", output=self.log_tail())
+        if connect in done:
+            # a refused or reset connection usually means QEMU is exiting
+            await process.wait_exit(1.0)
+        if process.exited.is_set():
+            await process.wait_exit(1)
+            raise LaunchError(f"QEMU (pid {process.pid}) exited before its monitor answered",
+                              exitcode=process.exitcode, output=self.log_tail())
+        if connect in done:
+            exc = connect.exception()
+            raise LaunchError(f"cannot connect to {path}: {exc}", output=self.log_tail()) from exc
+        raise LaunchError(f"QEMU's monitor at {path} did not answer within {timeout:.0f} s "
+                          "(another client may hold it)", output=self.log_tail())
+
+    async def connect(self, *, timeout: float = 30.0) -> None:
+        """(Re)connect to the monitor, e.g. after an exec dropped it.
+
+        :raise LaunchError: when QEMU exits or its monitor does not answer.
+        """
+        if self.process is None or self.state is None:
+            raise StateError(f"VM {self.name}: no QEMU process (launch() or attach() first)")
+        if not self.process.watching and not self.process.exited.is_set():
+            self.process = QemuProcess(self.state.pid, logger=self.logger)
+        await self._disconnect()
+        self._set_qmp(await self.open_qmp(self.paths.qmp, self.process, timeout=timeout))
+        if self.runstate is Runstate.DETACHED:
+            self.runstate = Runstate.RUNNING
 
     def _set_qmp(self, qmp: QMPClient) -> None:
         self._qmp = qmp
-        if self._pump is not None:
-            self._pump.cancel()
         self._pump = asyncio.create_task(self._pump_events(qmp), name=f"sealvm-events-{self.name}")
 
     async def _pump_events(self, qmp: QMPClient) -> None:
@@ -339,14 +343,6 @@ class Machine:
             for names, queue in self._subscribers:
                 if names is None or event["event"] in names:
                     queue.put_nowait(dict(event))
-
-    async def reconnect(self, *, timeout: float = 30.0) -> None:
-        """Drop the current QMP session and connect again (after an exec).
-
-        :raise LaunchError: when QEMU exits or its monitor does not answer.
-        """
-        await self._disconnect()
-        await self._connect_or_fail(timeout)
 
     async def _disconnect(self) -> None:
         if self._pump is not None:
@@ -359,14 +355,28 @@ class Machine:
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await qmp.disconnect()
 
-    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> Any:
+    async def adopt(self, process: QemuProcess, qmp: QMPClient, argv: list[str],
+                    fds: FdPlan) -> None:
+        """Make a successor QEMU (cpr-transfer) this VM's process."""
+        assert self.state is not None
+        await self._disconnect()
+        if self.process is not None:
+            self.process.close()
+        self.process = process
+        self._set_qmp(qmp)
+        self.state.pid = process.pid
+        self.state.argv = argv
+        self.state.fds = {"qmp_listen": fds.qmp_listen, "iommufd": fds.iommufd,
+                          "vfio": fds.vfio}
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run a QMP command and return its result.
 
         :raise QMPReplyError: when QEMU answers with an error.
         :raise StateError: when not connected, or the monitor went away.
         """
         try:
-            return await self.qmp.execute(command, arguments)
+            return await self.qmp.execute(command, dict(arguments) if arguments else None)
         except ExecuteError as exc:
             raise QMPReplyError(command, f"{exc.error_class}: {exc.error.error.desc}") from exc
         except ExecInterruptedError as exc:
@@ -386,7 +396,10 @@ class Machine:
     # ------------------------------------------------------------- lifecycle
 
     async def status(self) -> str:
-        """The guest's run state as QEMU reports it ("running", "paused", ...)."""
+        """The guest's run state as QEMU reports it ("running", "paused", ...).
+
+        :raise QMPReplyError: on an error or malformed reply.
+        """
         reply = await self.execute("query-status")
         if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
             raise QMPReplyError("query-status", f"malformed reply {reply!r}")
@@ -404,7 +417,19 @@ class Machine:
     async def powerdown(self, *, timeout: float = 10.0) -> bool:
         """ACPI power button; True if QEMU exited within *timeout*."""
         await self.execute("system_powerdown")
-        return await self.wait_exit(timeout)
+        assert self.process is not None
+        return await self.process.wait_exit(timeout)
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:
+        return True if self.process is None else await self.process.wait_exit(timeout)
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it (another controller may attach)."""
+        await self._disconnect()
+        if self.process is not None:
+            self.process.close()
+        if self.runstate is not Runstate.STOPPED:
+            self.runstate = Runstate.DETACHED
 
     async def shutdown(self, *, timeout: float = 10.0) -> None:
         """Stop QEMU (quit, then SIGTERM, then SIGKILL) and release everything.
@@ -412,47 +437,55 @@ class Machine:
         Safe to call twice, after a failed launch, and on a VM that already
         exited.  Never raises for a QEMU that is already gone.
         """
-        if self.runstate is Runstate.STOPPED and self._pidfd < 0:
+        if self.runstate in (Runstate.STOPPED, Runstate.IDLE):
             return
+        if self.runstate is Runstate.DETACHED:
+            with contextlib.suppress(LaunchError):
+                await self.connect(timeout=timeout)
         try:
             if self._qmp is not None and self.alive():
-                with contextlib.suppress(QMPError, OSError, EOFError, StateError, QMPReplyError):
+                with contextlib.suppress(QMPError, OSError, EOFError, StateError, QMPReplyError,
+                                         TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self.qmp.execute("quit")
                 await self.wait_exit(timeout)
-            await self._kill(timeout=timeout)
+            if self.process is not None:
+                await self.process.kill(timeout=timeout)
         finally:
             await self._disconnect()
             self._release()
 
-    async def _kill(self, *, timeout: float = 5.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not self.alive():
-                break
-            self.logger.debug("sending %s", sig.name)
-            with contextlib.suppress(ProcessLookupError):
-                if self._pidfd >= 0:
-                    signal.pidfd_send_signal(self._pidfd, sig)
-                elif self.pid is not None:
-                    os.kill(self.pid, sig)
-            await self.wait_exit(timeout)
-        if self._popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._exitcode = self._popen.wait(timeout=timeout)
-
-    def _release(self, *, keep_run_dir: bool = False) -> None:
-        if self._pidfd >= 0:
-            with contextlib.suppress(ValueError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if not keep_run_dir and not self.alive():
-            self._cleanup_run_dir()
+    def _release(self) -> None:
+        if self.process is not None:
+            self.process.close()
+            if not self.process.alive():
+                self._cleanup_run_dir()
         self.runstate = Runstate.STOPPED
 
     def _cleanup_run_dir(self) -> None:
         """Remove what only a live VM needs; logs stay for post-mortems."""
-        for p in (self.paths.qmp, self.paths.state, self.paths.cpr_state, self.paths.lock,
-                  self.paths.state.with_suffix(".tmp")):
+        for p in (self.paths.qmp, self.paths.state, self.paths.cpr_state,
+                  self.paths.cpr_sock, self.paths.main_sock,
+                  self.paths.state.with_suffix(".tmp"), *self.paths.root.glob("qmp-next-*.sock")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def read_state(paths: RunPaths) -> VmState | None:
+    """The state file of a run directory, or None if absent or unreadable."""
+    try:
+        return VmState(**json.loads(paths.state.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def list_vms(run_root: Path | None = None) -> list[VmState]:
+    """Every VM with a state file under *run_root* (alive or not)."""
+    root = run_root or default_run_root()
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for d in sorted(root.iterdir()):
+            state = read_state(RunPaths(d))
+            if state is not None:
+                found.append(state)
+    return found

@@ -51,9 +51,17 @@ class RunPaths:
     def cpr_state(self) -> Path:
         return self.root / "cpr-state"
 
+    def qmp_next(self, generation: int) -> Path:
+        """The QMP socket of a cpr-transfer successor until it takes over."""
+        return self.root / f"qmp-next-{generation}.sock"
+
     @property
-    def lock(self) -> Path:
-        return self.root / "lock"
+    def cpr_sock(self) -> Path:
+        return self.root / "cpr.sock"
+
+    @property
+    def main_sock(self) -> Path:
+        return self.root / "migrate.sock"
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,56 @@
 """
 Live update: replace the QEMU under a running guest, keeping its RAM.
 
-cpr-exec (this module, first cut): old QEMU stops the guest, saves device
-state to a file, and exec()s the new binary in the same process; guest RAM
-(a sealed memfd) and the QMP listening socket are inherited.  The new QEMU
-starts with ``-incoming defer``; the controller connects to the inherited
-socket, issues ``migrate-incoming`` and waits for the guest to run again.
+Two modes, one call (`live_update`):
 
-Order matters and is fixed here: listen for events before acting, never
-sleep-poll, re-arm the migration parameters (they reset at exec), verify
-pid, RAM inodes and seals after.
+cpr-exec
+    Old QEMU stops the guest, saves device state to a file, and exec()s the
+    new binary in the same process; guest RAM (sealed memfds), VFIO fds and
+    the QMP listening socket are inherited.  The new QEMU starts with
+    ``-incoming defer``; the controller reconnects to the inherited socket,
+    issues ``migrate-incoming`` and waits for RESUME.  No way back once the
+    exec happened: preflight is what makes it safe.
+
+cpr-transfer
+    The controller starts the new QEMU beside the old one, with a CPR
+    channel (a listening socket sealvm creates and passes by fd) and
+    ``-incoming defer``.  Order is fixed, or it deadlocks: ``migrate`` to
+    the old QEMU first (it sends fds over the CPR channel; the new QEMU's
+    monitor only exists after that), then connect to the new monitor and
+    ``migrate-incoming``.  If the new QEMU fails to start or to load, the
+    old QEMU resumes the guest (``rolled_back=True``).
+
+Either way: listen for events before acting, never sleep-poll, re-arm the
+migration parameters on the new QEMU, verify pid, RAM inodes and seals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, Runstate
+from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 
 from . import procfs
 from .console import ConsoleFollower
 from .errors import LaunchError, PreflightError, SealvmError, UpdateError
-from .machine import Machine
+from .machine import Machine, listen_unix
 from .machine import Runstate as VmRunstate
 from .plan import incoming_argv
-from .preflight import Check, run_preflight
+from .preflight import MODES, Check, run_preflight
+from .process import QemuProcess
 
 log = logging.getLogger("sealvm.update")
 
-_MIGRATION_DONE = ("completed", "failed", "cancelled")
+EVENTS_ON: dict[str, object] = {"capabilities": [{"capability": "events", "state": True}]}
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class UpdateReport:
     pause_guest: float | None = None
     heartbeat_continuous: bool | None = None
     mismatches: int | None = None
+    #: phase -> seconds, in order (preflight, start, stop, save, exec, load, ...)
     phases: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
     checks: list[str] = field(default_factory=list)
@@ -82,27 +99,28 @@ class UpdateReport:
         return d
 
 
-class _Clock:
-    """Phase timings on the monotonic clock."""
+Progress = Callable[[str, float], None]
 
-    def __init__(self) -> None:
+
+class _Clock:
+    """Phase timings on the monotonic clock, reported as they end."""
+
+    def __init__(self, progress: Progress | None) -> None:
         self.start = self.last = time.monotonic()
         self.phases: dict[str, float] = {}
+        self.progress = progress
 
     def mark(self, phase: str) -> None:
         now = time.monotonic()
         self.phases[phase] = now - self.last
         self.last = now
+        if self.progress is not None:
+            self.progress(phase, self.phases[phase])
 
 
 def _event_time(event: dict[str, Any]) -> float:
     ts = event.get("timestamp", {})
     return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-
-
-async def _next_event(listener: EventListener, deadline: float) -> dict[str, Any]:
-    async with asyncio.timeout_at(deadline):
-        return dict(await listener.get())
 
 
 def _ram_blocks(pid: int) -> list[RamBlock]:
@@ -116,22 +134,24 @@ async def live_update(
     mode: str = "cpr-exec",
     heartbeat_interval: float | None = None,
     timeout: float = 60.0,
+    progress: Progress | None = None,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
     With *heartbeat_interval* (seconds), the guest is the sealvm test guest:
     its serial log is followed and the pause it saw is measured.
+    *progress(phase, seconds)* is called as each phase ends.
 
     :raise PreflightError: refused before the guest paused; VM untouched.
-    :raise UpdateError: failed after the guest paused; ``rolled_back`` says
-        whether the old QEMU resumed the guest.
+    :raise UpdateError: failed after the update started; ``rolled_back``
+        says whether the old QEMU resumed the guest.
     """
-    if mode != "cpr-exec":
-        raise PreflightError([f"mode {mode!r}: only cpr-exec is implemented in this version"])
-    if vm.runstate is not VmRunstate.RUNNING or vm.pid is None:
+    if mode not in MODES:
+        raise PreflightError([f"mode {mode!r} is not one of {', '.join(MODES)}"])
+    if vm.runstate is not VmRunstate.RUNNING or vm.pid is None or vm.state is None:
         raise PreflightError([f"VM {vm.name} is {vm.runstate.value}, not running"])
     new_qemu = (qemu or Path(vm.argv[0])).resolve()
-    clock = _Clock()
+    clock = _Clock(progress)
     checks = await run_preflight(vm, mode=mode, qemu=new_qemu)
     pid = vm.pid
     report = UpdateReport(
@@ -149,122 +169,277 @@ async def live_update(
     try:
         async with contextlib.AsyncExitStack() as stack:
             follower = None
+            first = 0
             if heartbeat_interval is not None:
                 follower = await stack.enter_async_context(ConsoleFollower(vm.paths.serial))
                 await follower.wait_heartbeats(2, timeout)
-                watch_from = len(follower.log.heartbeats) - 1
-            await _cpr_exec(vm, new_qemu, clock, report, timeout)
+                first = len(follower.log.heartbeats) - 1
+            if mode == "cpr-exec":
+                await _cpr_exec(vm, new_qemu, clock, report, timeout)
+            else:
+                await _cpr_transfer(vm, new_qemu, clock, report, timeout)
+            report.ram_after = _ram_blocks(report.pid_after)
             if follower is not None and heartbeat_interval is not None:
                 await follower.wait_heartbeats(3, timeout)
-                gap = follower.log.largest_gap(watch_from)
+                gap = follower.log.largest_gap(first)
                 report.pause_guest = max(0.0, gap - heartbeat_interval)
                 report.heartbeat_continuous = follower.log.counter_continuous()
                 report.mismatches = follower.log.mismatched_words
-    except BaseException:
+    finally:
         if vm.runstate is VmRunstate.UPDATING:
             vm.runstate = VmRunstate.RUNNING if vm.alive() else VmRunstate.STOPPED
-        raise
-    vm.runstate = VmRunstate.RUNNING
+        with contextlib.suppress(FileNotFoundError):
+            vm.paths.cpr_state.unlink()
     report.total = time.monotonic() - clock.start
     report.phases = clock.phases
-    _verify(report)
-    assert vm.state is not None
+    vm.spec = vm.spec.with_qemu(new_qemu)
+    vm.state.spec["qemu"] = str(new_qemu)
     vm.state.generation += 1
     vm.state.updates.append(
         {"mode": mode, "qemu": report.qemu_after, "pause_qmp": report.pause_qmp,
          "total": report.total, "time": time.time()}
     )
     vm.save_state()
+    _verify(report)
     log.info("%s: %s done, pause %.3f s (QMP)", vm.name, mode, report.pause_qmp or -1)
     return report
 
 
+# ---------------------------------------------------------------- cpr-exec
+
+
 async def _cpr_exec(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport,
                     timeout: float) -> None:
-    assert vm.state is not None
+    assert vm.state is not None and vm.process is not None
     new_argv = incoming_argv(vm.argv, qemu)
     uri = f"file:{vm.paths.cpr_state}"
-    await vm.execute("migrate-set-capabilities",
-                     {"capabilities": [{"capability": "events", "state": True}]})
+    await vm.execute("migrate-set-capabilities", EVENTS_ON)
     await vm.execute("migrate-set-parameters",
                      {"mode": "cpr-exec", "cpr-exec-command": new_argv})
     deadline = asyncio.get_running_loop().time() + timeout
-    old: QMPClient = vm.qmp
+    old = vm.qmp
     stop_ts: float | None = None
     listener = EventListener(("STOP", "MIGRATION"))
     with old.listen(listener):
         dropped = asyncio.ensure_future(_wait_disconnected(old))
         try:
             await vm.execute("migrate", {"uri": uri})
-            # Old side: STOP, MIGRATION completed, then exec drops the
-            # connection.  Events still in flight at exec may be lost; the
-            # drop itself says the exec happened.  If execvp fails, QEMU
-            # reports MIGRATION failed and resumes the guest.
+            # STOP, MIGRATION completed, then exec drops the connection.
+            # Events in flight at exec may be lost: the drop itself says the
+            # exec happened.  If execvp fails, QEMU reports MIGRATION failed
+            # and resumes the guest.
             while not dropped.done():
-                get = asyncio.ensure_future(listener.get())
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await asyncio.wait({get, dropped}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    get.cancel()
-                if not get.done() or get.cancelled():
+                ev = await _event_or(listener, dropped, deadline)
+                if ev is None:
                     continue
-                ev: dict[str, Any] = dict(get.result())
                 if ev["event"] == "STOP":
                     stop_ts = _event_time(ev)
                     clock.mark("stop")
                 elif ev["data"]["status"] == "completed":
                     clock.mark("save")
                 elif ev["data"]["status"] in ("failed", "cancelled"):
-                    raise UpdateError(
-                        f"cpr-exec to {qemu} failed: {await _migration_error(vm)}",
-                        rolled_back=await _resumed(vm))
+                    raise UpdateError(f"cpr-exec to {qemu} failed: {await _migration_error(vm)}",
+                                      rolled_back=await _running(vm))
         except TimeoutError:
             raise UpdateError("old QEMU neither exec'd nor failed in time",
-                              rolled_back=await _resumed(vm)) from None
+                              rolled_back=await _running(vm)) from None
         finally:
             dropped.cancel()
     if "save" not in clock.phases:
         clock.mark("save")
     try:
-        await vm.reconnect(timeout=timeout)
+        await vm.connect(timeout=timeout)
     except LaunchError as exc:
-        raise UpdateError(f"new QEMU did not come up: {exc}", rolled_back=False) from exc
+        raise UpdateError(f"new QEMU did not come up after exec: {exc}",
+                          rolled_back=False) from exc
     clock.mark("exec")
-    report.pid_after = vm.pid if vm.alive() and vm.pid is not None else -1
-    new = vm.qmp
-    listener = EventListener(("MIGRATION", "RESUME"))
-    resume_ts: float | None = None
-    with new.listen(listener):
-        await vm.execute("migrate-set-capabilities",
-                         {"capabilities": [{"capability": "events", "state": True}]})
-        await vm.execute("migrate-incoming", {"uri": uri})
-        # QEMU resumes the guest before it declares the load completed.
-        status = ""
-        while resume_ts is None or status != "completed":
-            ev = await _next_event(listener, deadline)
-            if ev["event"] == "MIGRATION":
-                status = ev["data"]["status"]
-                if status in ("failed", "cancelled"):
-                    raise UpdateError(f"new QEMU failed to load: {await _migration_error(vm)}",
-                                      rolled_back=False)
-            elif ev["event"] == "RESUME":
-                resume_ts = _event_time(ev)
-                clock.mark("load")
+    report.pid_after = vm.process.pid if vm.alive() else -1
+    resume_ts = await _incoming(vm, vm.qmp, {"uri": uri}, clock, deadline, vm.process)
     if stop_ts is not None:
         report.pause_qmp = resume_ts - stop_ts
     # Parameters reset at exec: re-arm them for the next update.
-    await vm.execute("migrate-set-parameters",
-                     {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(new_argv)})
+    await _arm(vm.qmp, new_argv)
     vm.state.argv = new_argv
-    vm.state.spec["qemu"] = str(qemu)
-    vm.spec = vm.spec.with_qemu(qemu)
-    report.ram_after = _ram_blocks(vm.pid or -1)
-    with contextlib.suppress(FileNotFoundError):
-        vm.paths.cpr_state.unlink()
-    status_now = await vm.status()
-    if status_now != "running":
-        raise UpdateError(f"guest is {status_now} after the update", rolled_back=False)
+
+
+# ------------------------------------------------------------ cpr-transfer
+
+
+async def _cpr_transfer(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport,
+                        timeout: float) -> None:
+    assert vm.state is not None
+    paths = vm.paths
+    deadline = asyncio.get_running_loop().time() + timeout
+    # A QEMU unlinks the path its QMP socket was bound to when it quits: a
+    # successor's socket gets a path of its own, renamed to qmp.sock only
+    # after the old QEMU has quit.
+    qmp_next = paths.qmp_next(vm.state.generation + 1)
+    cpr_listener = listen_unix(paths.cpr_sock)
+    cpr_fd = cpr_listener.fileno()
+    cpr_in = {"channel-type": "cpr",
+              "addr": {"transport": "socket", "type": "fd", "str": str(cpr_fd)}}
+    cpr_out = {"channel-type": "cpr",
+               "addr": {"transport": "socket", "type": "unix", "path": str(paths.cpr_sock)}}
+    main = {"channel-type": "main",
+            "addr": {"transport": "socket", "type": "unix", "path": str(paths.main_sock)}}
+    try:
+        proc, argv, fds = vm.spawn(vm.spec.with_qemu(qemu), qmp_next,
+                                   extra=["-incoming", json.dumps(cpr_in), "-incoming", "defer"],
+                                   extra_fds=[cpr_fd], fds=vm.state.fd_plan())
+    except LaunchError as exc:
+        raise UpdateError(f"new QEMU did not start: {exc}", rolled_back=True) from exc
+    finally:
+        cpr_listener.close()
+    clock.mark("start")
+    new: QMPClient | None = None
+    adopted = False
+    try:
+        await vm.execute("migrate-set-capabilities", EVENTS_ON)
+        await vm.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        old_events = EventListener(("STOP", "MIGRATION"))
+        with vm.qmp.listen(old_events):
+            # Old first: the new monitor exists only once CPR state arrived.
+            await vm.execute("migrate", {"channels": [main, cpr_out]})
+            try:
+                new = await vm.open_qmp(qmp_next, proc, timeout=timeout)
+            except LaunchError as exc:
+                raise _RollBack(f"new QEMU did not come up: {exc}") from exc
+            clock.mark("cpr-state")
+            stop_ts: float | None = None
+
+            async def old_side() -> None:
+                nonlocal stop_ts
+                while True:
+                    ev: dict[str, Any] = dict(await old_events.get())
+                    if ev["event"] == "STOP":
+                        stop_ts = _event_time(ev)
+                    elif ev["data"]["status"] in ("failed", "cancelled"):
+                        raise _RollBack(f"old QEMU: migration {ev['data']['status']}: "
+                                        f"{await _migration_error(vm)}")
+                    elif ev["data"]["status"] == "completed":
+                        return
+
+            old_task = asyncio.ensure_future(old_side())
+            try:
+                resume_ts = await _incoming(vm, new, {"channels": [main]}, clock, deadline, proc)
+                async with asyncio.timeout_at(deadline):
+                    await old_task
+            except UpdateError as exc:
+                raise _RollBack(exc.message) from exc
+            finally:
+                old_task.cancel()
+        if stop_ts is not None:
+            report.pause_qmp = resume_ts - stop_ts
+        await _arm(new, None)
+        # The old QEMU handed everything over: let it go, then take over.
+        old_proc = vm.process
+        with contextlib.suppress(QMPError, OSError, EOFError, SealvmError):
+            await vm.execute("quit")
+        assert old_proc is not None
+        if not await old_proc.wait_exit(timeout):
+            await old_proc.kill()
+        os.replace(qmp_next, paths.qmp)
+        await vm.adopt(proc, new, argv, fds)
+        adopted = True
+        clock.mark("handover")
+        report.pid_after = proc.pid
+    except _RollBack as exc:
+        rolled_back = await _roll_back(vm, proc, new)
+        raise UpdateError(f"cpr-transfer to {qemu} failed: {exc}",
+                          rolled_back=rolled_back) from exc
+    finally:
+        if not adopted:
+            if new is not None:
+                with contextlib.suppress(QMPError, OSError, EOFError):
+                    await new.disconnect()
+            await proc.kill()
+            proc.close()
+        for p in (qmp_next, paths.cpr_sock, paths.main_sock):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+class _RollBack(Exception):
+    """Internal: the new QEMU failed; the old one must take the guest back."""
+
+
+async def _roll_back(vm: Machine, new_proc: QemuProcess, new: QMPClient | None) -> bool:
+    """Kill the new QEMU, resume the guest on the old one; True if running."""
+    if new is not None:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await new.disconnect()
+    await new_proc.kill()
+    try:
+        status = await vm.status()
+        if status != "running":
+            vm.logger.warning("rolling back: guest is %s on the old QEMU, resuming", status)
+            await vm.execute("cont")
+        return await vm.status() == "running"
+    except SealvmError as exc:
+        vm.logger.error("rollback failed: %s", exc)
+        return False
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _incoming(vm: Machine, qmp: QMPClient, args: dict[str, object], clock: _Clock,
+                    deadline: float, proc: QemuProcess) -> float:
+    """migrate-incoming on a new QEMU; returns the RESUME timestamp.
+
+    :raise UpdateError: when the load fails or the process dies.
+    """
+    listener = EventListener(("MIGRATION", "RESUME"))
+    died = asyncio.ensure_future(proc.exited.wait())
+    try:
+        with qmp.listen(listener):
+            await qmp.execute("migrate-set-capabilities", EVENTS_ON)
+            await qmp.execute("migrate-incoming", args)
+            # QEMU resumes the guest before it declares the load completed.
+            resume_ts: float | None = None
+            status = ""
+            while resume_ts is None or status != "completed":
+                ev = await _event_or(listener, died, deadline)
+                if ev is None:
+                    raise UpdateError(f"new QEMU exited while loading:\n{vm.log_tail(5)}",
+                                      rolled_back=False)
+                if ev["event"] == "MIGRATION":
+                    status = ev["data"]["status"]
+                    if status in ("failed", "cancelled"):
+                        raise UpdateError("new QEMU failed to load the device state:\n"
+                                          f"{vm.log_tail(5)}", rolled_back=False)
+                elif ev["event"] == "RESUME":
+                    resume_ts = _event_time(ev)
+                    clock.mark("load")
+            return resume_ts
+    except TimeoutError:
+        raise UpdateError("new QEMU did not resume the guest in time", rolled_back=False) from None
+    except QMPError as exc:
+        raise UpdateError(f"new QEMU's monitor: {exc}", rolled_back=False) from exc
+    finally:
+        died.cancel()
+
+
+async def _arm(qmp: QMPClient, cpr_exec_argv: list[str] | None) -> None:
+    """Migration parameters reset in a new QEMU: set them for the next update."""
+    await qmp.execute("migrate-set-capabilities", EVENTS_ON)
+    if cpr_exec_argv is not None:
+        await qmp.execute("migrate-set-parameters",
+                          {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(cpr_exec_argv)})
+
+
+async def _event_or(listener: EventListener, other: asyncio.Future[Any],
+                    deadline: float) -> dict[str, Any] | None:
+    """The next event, or None when *other* completes first."""
+    get = asyncio.ensure_future(listener.get())
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.wait({get, other}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        get.cancel()
+    if get.done() and not get.cancelled():
+        return dict(get.result())
+    return None
 
 
 async def _wait_disconnected(qmp: QMPClient) -> None:
@@ -282,7 +457,7 @@ async def _migration_error(vm: Machine) -> str:
     return "unknown"
 
 
-async def _resumed(vm: Machine) -> bool:
+async def _running(vm: Machine) -> bool:
     try:
         return await vm.status() == "running"
     except SealvmError:
@@ -292,8 +467,10 @@ async def _resumed(vm: Machine) -> bool:
 def _verify(report: UpdateReport) -> None:
     """Post-update checks; a failure here means the guest may be damaged."""
     problems = []
-    if report.pid_after != report.pid_before:
+    if report.mode == "cpr-exec" and report.pid_after != report.pid_before:
         problems.append(f"pid changed {report.pid_before} -> {report.pid_after}")
+    if report.mode == "cpr-transfer" and report.pid_after == report.pid_before:
+        problems.append("cpr-transfer kept the old pid")
     if not report.ram_inode_unchanged:
         problems.append("guest RAM memfd inodes changed")
     ram = [b for b in report.ram_after if b.name == procfs.BACKEND_MEMFD_NAME]

@@ -1,0 +1,305 @@
+"""
+sealvm: the command line for VM operators and scripts.
+
+    sealvm [--run-dir DIR] [-v] VERB ...
+
+    up SPEC                      launch the VM a TOML spec describes; returns
+                                 once its monitor answers (QEMU keeps running)
+    status [VM]                  one VM in detail, or every VM in the run dir
+    update VM [--qemu PATH] [--mode exec|transfer]
+                                 live-update the VM's QEMU (default: same binary,
+                                 cpr-exec); progress on stderr
+    pause VM / resume VM         stop / continue the guest's vCPUs
+    down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
+    qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
+    host-check                   what this host can do (memfd seals, noexec,
+                                 iommufd, type1 VADDR)
+
+Every verb takes --json: one JSON object on stdout (errors too).
+
+Exit codes:
+    0   success
+    1   other sealvm error
+    2   usage error
+    3   invalid spec (SpecError)
+    4   live update refused before the guest paused; VM untouched (PreflightError)
+    5   live update failed; the old QEMU resumed the guest (UpdateError, rolled back)
+    6   live update failed; the guest was NOT resumed (UpdateError)
+    7   no such VM, or not in a state for this verb (StateError)
+    8   QEMU rejected the command or answered nonsense (QMPReplyError)
+    9   QEMU failed to launch (LaunchError)
+    10  the host lacks what was asked (HostError)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import procfs
+from .errors import (
+    HostError,
+    LaunchError,
+    PreflightError,
+    QMPReplyError,
+    SealvmError,
+    SpecError,
+    StateError,
+    UpdateError,
+)
+from .host import host_check
+from .machine import Machine, default_run_root, list_vms
+from .spec import load_spec
+from .update import live_update
+
+
+def exit_code(exc: SealvmError) -> int:
+    if isinstance(exc, SpecError):
+        return 3
+    if isinstance(exc, PreflightError):
+        return 4
+    if isinstance(exc, UpdateError):
+        return 5 if exc.rolled_back else 6
+    if isinstance(exc, StateError):
+        return 7
+    if isinstance(exc, QMPReplyError):
+        return 8
+    if isinstance(exc, LaunchError):
+        return 9
+    if isinstance(exc, HostError):
+        return 10
+    return 1
+
+
+class Output:
+    """Human text on stdout, or one JSON object; progress on stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def result(self, data: dict[str, Any], text: str) -> None:
+        if self.as_json:
+            print(json.dumps(data, indent=1, default=str))
+        else:
+            print(text)
+
+    def progress(self, message: str) -> None:
+        print(f"sealvm: {message}", file=sys.stderr, flush=True)
+
+
+async def _vm_info(vm: Machine) -> dict[str, Any]:
+    assert vm.state is not None and vm.pid is not None
+    status = await vm.status()
+    return {
+        "name": vm.name,
+        "pid": vm.pid,
+        "status": status,
+        "qemu": procfs.exe_of(vm.pid),
+        "generation": vm.state.generation,
+        "qmp": str(vm.paths.qmp),
+        "serial": str(vm.spec.serial_log or vm.paths.serial),
+        "memfds": [asdict(m) | {"seal_names": m.seal_names} for m in procfs.memfds(vm.pid)],
+    }
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    lines = [f"{info['name']}: {info['status']}, pid {info['pid']}, "
+             f"{info['generation']} live update(s)",
+             f"  qemu   {info['qemu']}", f"  qmp    {info['qmp']}",
+             f"  serial {info['serial']}"]
+    for m in info["memfds"]:
+        lines.append(f"  memfd fd {m['fd']:<3} {m['name']:<28} inode {m['inode']:<8} "
+                     f"{m['size'] >> 10:>9} KiB  seals {'|'.join(m['seal_names']) or '-'}"
+                     f"{'' if not m['executable'] else '  EXECUTABLE'}")
+    return "\n".join(lines)
+
+
+async def cmd_up(args: argparse.Namespace, out: Output) -> int:
+    spec = load_spec(Path(args.spec))
+    vm = Machine(spec, run_root=args.run_dir)
+    out.progress(f"launching {spec.name}")
+    await vm.launch(timeout=args.timeout)
+    info = await _vm_info(vm)
+    await vm.detach()
+    out.result(info, _info_text(info))
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    if args.vm:
+        vm = await Machine.attach(args.vm, run_root=args.run_dir)
+        try:
+            info = await _vm_info(vm)
+        finally:
+            await vm.detach()
+        out.result(info, _info_text(info))
+        return 0
+    vms = [{"name": s.name, "pid": s.pid, "alive": procfs.pid_alive(s.pid),
+            "generation": s.generation} for s in list_vms(args.run_dir)]
+    text = "\n".join(f"{v['name']:<20} pid {v['pid']:<8} "
+                     f"{'running' if v['alive'] else 'DEAD'}  {v['generation']} update(s)"
+                     for v in vms) or f"no VMs in {args.run_dir or default_run_root()}"
+    out.result({"vms": vms}, text)
+    return 0
+
+
+async def cmd_update(args: argparse.Namespace, out: Output) -> int:
+    vm = await Machine.attach(args.vm, run_root=args.run_dir)
+    try:
+        out.progress(f"{args.vm}: cpr-{args.mode} to {args.qemu or 'the same binary'}")
+        report = await live_update(
+            vm, qemu=Path(args.qemu) if args.qemu else None, mode=f"cpr-{args.mode}",
+            heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
+            timeout=args.timeout,
+            progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
+    finally:
+        await vm.detach()
+    pause = f"{1000 * report.pause_qmp:.1f} ms" if report.pause_qmp is not None else "unknown"
+    text = (f"{args.vm}: {report.mode} done in {1000 * report.total:.0f} ms, guest paused "
+            f"{pause} (QMP STOP->RESUME); pid {report.pid_before} -> {report.pid_after}; "
+            f"RAM inodes unchanged: {report.ram_inode_unchanged}")
+    if report.pause_guest is not None:
+        text += f"; pause seen by the guest {1000 * report.pause_guest:.1f} ms"
+    out.result(report.to_dict(), text)
+    return 0
+
+
+async def _simple(args: argparse.Namespace, out: Output, action: str) -> int:
+    vm = await Machine.attach(args.vm, run_root=args.run_dir)
+    try:
+        if action == "pause":
+            await vm.pause()
+        else:
+            await vm.resume()
+        status = await vm.status()
+    finally:
+        await vm.detach()
+    out.result({"name": args.vm, "status": status}, f"{args.vm}: {status}")
+    return 0
+
+
+async def cmd_down(args: argparse.Namespace, out: Output) -> int:
+    vm = await Machine.attach(args.vm, run_root=args.run_dir)
+    pid = vm.pid
+    await vm.shutdown(timeout=args.timeout)
+    out.result({"name": args.vm, "pid": pid, "status": "down", "exitcode": vm.exitcode},
+               f"{args.vm}: down (pid {pid})")
+    return 0
+
+
+async def cmd_qmp(args: argparse.Namespace, out: Output) -> int:
+    arguments = None
+    if args.arguments:
+        try:
+            arguments = json.loads(args.arguments)
+        except json.JSONDecodeError as exc:
+            raise QMPReplyError(args.command, f"JSON-ARGS is not valid JSON: {exc}") from exc
+        if not isinstance(arguments, dict):
+            raise QMPReplyError(args.command, "JSON-ARGS must be a JSON object")
+    vm = await Machine.attach(args.vm, run_root=args.run_dir)
+    try:
+        result = await vm.execute(args.command, arguments)
+    finally:
+        await vm.detach()
+    # the result is JSON whatever the output mode
+    print(json.dumps({"return": result} if args.json else result, indent=1))
+    return 0
+
+
+async def cmd_host_check(args: argparse.Namespace, out: Output) -> int:
+    probes = host_check()
+    text = "\n".join(f"{'ok ' if p.ok else 'NO '} {p.name:<20} {p.detail}" for p in probes)
+    out.result({"probes": [asdict(p) for p in probes]}, text)
+    return 0
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "status": cmd_status,
+    "update": cmd_update,
+    "pause": lambda a, o: _simple(a, o, "pause"),
+    "resume": lambda a, o: _simple(a, o, "resume"),
+    "down": cmd_down,
+    "qmp": cmd_qmp,
+    "host-check": cmd_host_check,
+}
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options valid before and after the verb (after it, they only
+    override what was given before)."""
+    common = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="print one JSON object")
+    common.add_argument("--run-dir", type=Path, default=default(None),
+                        help=f"VM run directories (default {default_run_root()})")
+    common.add_argument("-v", "--verbose", action="count", default=default(0))
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _common(suppress=True)
+    p = argparse.ArgumentParser(prog="sealvm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[_common(suppress=False)])
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    up = sub.add_parser("up", parents=[common], help="launch a VM from a TOML spec")
+    up.add_argument("spec")
+    up.add_argument("--timeout", type=float, default=30.0)
+    st = sub.add_parser("status", parents=[common], help="show one VM or all")
+    st.add_argument("vm", nargs="?")
+    upd = sub.add_parser("update", parents=[common], help="live-update a VM's QEMU")
+    upd.add_argument("vm")
+    upd.add_argument("--qemu", help="the new QEMU binary (default: the running one)")
+    upd.add_argument("--mode", choices=("exec", "transfer"), default="exec")
+    upd.add_argument("--heartbeat-ms", type=int, default=0,
+                     help="the guest is the sealvm test guest with this heartbeat: "
+                          "measure the pause it sees")
+    upd.add_argument("--timeout", type=float, default=60.0)
+    for verb in ("pause", "resume"):
+        sub.add_parser(verb, parents=[common], help=f"{verb} the guest").add_argument("vm")
+    dn = sub.add_parser("down", parents=[common], help="stop a VM")
+    dn.add_argument("vm")
+    dn.add_argument("--timeout", type=float, default=10.0)
+    q = sub.add_parser("qmp", parents=[common], help="run a QMP command")
+    q.add_argument("vm")
+    q.add_argument("command")
+    q.add_argument("arguments", nargs="?", metavar="JSON-ARGS")
+    sub.add_parser("host-check", parents=[common], help="probe this host's capabilities")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    out = Output(args.json)
+    try:
+        return asyncio.run(COMMANDS[args.verb](args, out))
+    except SealvmError as exc:
+        code = exit_code(exc)
+        if args.json:
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                              "exit_code": code,
+                              **({"rolled_back": exc.rolled_back}
+                                 if isinstance(exc, UpdateError) else {}),
+                              **({"reasons": exc.reasons}
+                                 if isinstance(exc, PreflightError) else {})}))
+        print(f"sealvm: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""
+Every CLI verb, each run as its own process against the real QEMU: `up`
+returns while the VM keeps running, later commands attach to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sealvm import procfs
+
+SEALVM = [sys.executable, "-m", "sealvm.cli"]
+
+
+class Cli:
+    def __init__(self, run_root: Path) -> None:
+        self.env = dict(os.environ, SEALVM_RUN_DIR=str(run_root))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*SEALVM, *args], env=self.env, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    def json(self, *args: str, rc: int = 0) -> Any:
+        p = self.run(*args, "--json")
+        assert p.returncode == rc, f"{args}: rc {p.returncode}\n{p.stdout}\n{p.stderr}"
+        return json.loads(p.stdout)
+
+
+@pytest.fixture
+def cli(run_root: Path) -> Iterator[Cli]:
+    c = Cli(run_root)
+    yield c
+    for state in run_root.glob("*/state.json"):  # never leave a VM behind
+        c.run("down", state.parent.name)
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Path:
+    f = tmp_path / "vm.toml"
+    f.write_text(f'name = "clivm"\nqemu = "{qemu_binary}"\n[memory]\nsize = "256M"\n'
+                 f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+    return f
+
+
+def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
+    up = cli.json("up", str(spec_file))
+    pid = up["pid"]
+    assert up["status"] == "running" and procfs.pid_alive(pid)
+    ram = [m for m in up["memfds"] if m["name"] == "memory-backend-memfd"][0]
+    assert {"GROW", "SHRINK", "SEAL"} <= set(ram["seal_names"])
+
+    assert cli.json("up", str(spec_file), rc=7)["error"] == "StateError"
+    assert [v["name"] for v in cli.json("status")["vms"]] == ["clivm"]
+    assert cli.json("status", "clivm")["pid"] == pid
+
+    exe = cli.json("update", "clivm", "--mode", "exec", "--heartbeat-ms", "10")
+    assert exe["pid_before"] == exe["pid_after"] == pid
+    assert exe["ram_inode_unchanged"] and exe["mismatches"] == 0
+    assert exe["pause_qmp"] > 0 and exe["pause_guest"] is not None
+
+    tr = cli.json("update", "clivm", "--mode", "transfer", "--heartbeat-ms", "10")
+    assert tr["pid_before"] == pid and tr["pid_after"] != pid
+    assert tr["ram_inode_unchanged"] and tr["mismatches"] == 0
+    assert not procfs.pid_alive(pid)
+    status = cli.json("status", "clivm")
+    assert status["pid"] == tr["pid_after"] and status["generation"] == 2
+
+    assert cli.json("pause", "clivm")["status"] == "paused"
+    assert cli.json("qmp", "clivm", "query-status")["return"]["running"] is False
+    assert cli.json("resume", "clivm")["status"] == "running"
+    plain = cli.run("qmp", "clivm", "qom-get", '{"path": "/machine", "property": "aux-ram-share"}')
+    assert plain.returncode == 0 and json.loads(plain.stdout) is True
+
+    assert cli.json("qmp", "clivm", "no-such-command", rc=8)["error"] == "QMPReplyError"
+    assert cli.json("qmp", "clivm", "query-status", "{bad", rc=8)["error"] == "QMPReplyError"
+    refused = cli.json("update", "clivm", "--qemu", str(tmp_path / "missing"), rc=4)
+    assert refused["error"] == "PreflightError" and "does not exist" in refused["reasons"][0]
+    assert cli.json("status", "clivm")["status"] == "running"
+
+    progress = cli.run("update", "clivm")  # human output, progress on stderr
+    assert progress.returncode == 0, progress.stderr
+    assert "preflight" in progress.stderr and "cpr-exec done" in progress.stdout
+
+    down = cli.json("down", "clivm")
+    assert down["status"] == "down"
+    assert not procfs.pid_alive(tr["pid_after"])
+    assert cli.json("status", "clivm", rc=7)["error"] == "StateError"
+
+
+def test_spec_errors_name_the_field(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nqemu = "/q"\n[memory]\nsize = "lots"\n[guest]\nkernel = "/k"\n')
+    out = cli.json("up", str(bad), rc=3)
+    assert out["error"] == "SpecError" and out["message"].startswith("memory.size:")
+    assert cli.run("up").returncode == 2  # usage
+
+
+def test_host_check(cli: Cli) -> None:
+    probes = {p["name"]: p for p in cli.json("host-check")["probes"]}
+    assert {"memfd-noexec-seal", "vm.memfd_noexec", "memfd-seals", "iommufd",
+            "vfio-type1-vaddr"} <= set(probes)
+    assert probes["memfd-seals"]["ok"]
