@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -382,7 +382,9 @@ class Machine:
         except ExecInterruptedError as exc:
             raise StateError(f"VM {self.name}: monitor disconnected during {command}") from exc
 
-    async def events(self, names: Iterable[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(
+        self, names: Iterable[str] | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Iterate over QMP events (optionally only *names*), across reconnects."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         entry = (frozenset(names) if names is not None else None, queue)
