@@ -13,10 +13,11 @@ PY := $(VENV)/bin/python
 export SEALVM_CACHE ?= $(HOME)/.cache/sealvm
 
 QEMU = $(shell scripts/build-qemu --print 2>/dev/null)
+QEMU_UPSTREAM = $(shell scripts/build-qemu --upstream --print 2>/dev/null)
 GUEST = $(shell scripts/build-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	check test test-unit demo clean-venv
+	check test test-unit demo bench clean-venv
 
 all: deps qemu guest
 
@@ -60,6 +61,13 @@ test: deps qemu guest
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit
+
+# Benchmarks are not tests: one run, side by side, ratios printed last.
+BENCH_ARGS ?=
+bench: deps qemu qemu-upstream guest
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
+		$(PY) -m sealvm.bench --out bench-results $(BENCH_ARGS)
 
 demo: deps qemu guest
 	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m sealvm.demo

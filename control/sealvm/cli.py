@@ -6,9 +6,10 @@ sealvm: the command line for VM operators and scripts.
     up SPEC                      launch the VM a TOML spec describes; returns
                                  once its monitor answers (QEMU keeps running)
     status [VM]                  one VM in detail, or every VM in the run dir
-    update VM [--qemu PATH] [--mode exec|transfer]
+    update VM [--qemu PATH] [--mode exec|transfer|migrate]
                                  live-update the VM's QEMU (default: same binary,
-                                 cpr-exec); progress on stderr
+                                 cpr-exec; migrate = classic, RAM copied);
+                                 progress on stderr
     pause VM / resume VM         stop / continue the guest's vCPUs
     down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
     qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
@@ -152,9 +153,10 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
 async def cmd_update(args: argparse.Namespace, out: Output) -> int:
     vm = await Machine.attach(args.vm, run_root=args.run_dir)
     try:
-        out.progress(f"{args.vm}: cpr-{args.mode} to {args.qemu or 'the same binary'}")
+        out.progress(f"{args.vm}: {args.mode} to {args.qemu or 'the same binary'}")
         report = await live_update(
-            vm, qemu=Path(args.qemu) if args.qemu else None, mode=f"cpr-{args.mode}",
+            vm, qemu=Path(args.qemu) if args.qemu else None,
+            mode="migrate" if args.mode == "migrate" else f"cpr-{args.mode}",
             heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
             timeout=args.timeout,
             progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
@@ -261,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     upd = sub.add_parser("update", parents=[common], help="live-update a VM's QEMU")
     upd.add_argument("vm")
     upd.add_argument("--qemu", help="the new QEMU binary (default: the running one)")
-    upd.add_argument("--mode", choices=("exec", "transfer"), default="exec")
+    upd.add_argument("--mode", choices=("exec", "transfer", "migrate"), default="exec",
+                     help="cpr-exec, cpr-transfer, or classic migration (RAM copied)")
     upd.add_argument("--heartbeat-ms", type=int, default=0,
                      help="the guest is the sealvm test guest with this heartbeat: "
                           "measure the pause it sees")

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ from .process import QemuProcess
 log = logging.getLogger("sealvm.update")
 
 EVENTS_ON: dict[str, object] = {"capabilities": [{"capability": "events", "state": True}]}
+#: Classic migration between two local processes: do not throttle the copy.
+MIGRATE_BANDWIDTH = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ async def live_update(
             if mode == "cpr-exec":
                 await _cpr_exec(vm, new_qemu, clock, report, timeout)
             else:
-                await _cpr_transfer(vm, new_qemu, clock, report, timeout)
+                await _to_new_process(vm, new_qemu, clock, report, timeout,
+                                      cpr=mode == "cpr-transfer")
             report.ram_after = _ram_blocks(report.pid_after)
             if follower is not None and heartbeat_interval is not None:
                 await follower.wait_heartbeats(3, timeout)
@@ -228,10 +231,18 @@ async def _cpr_exec(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport
             # Events in flight at exec may be lost: the drop itself says the
             # exec happened.  If execvp fails, QEMU reports MIGRATION failed
             # and resumes the guest.
-            while not dropped.done():
-                ev = await _event_or(listener, dropped, deadline)
-                if ev is None:
-                    continue
+            pending: list[dict[str, Any]] = []
+            while True:
+                if not pending:
+                    ev = None if dropped.done() else await _event_or(listener, dropped, deadline)
+                    if ev is None:
+                        # dropped: what was read before the drop is still queued
+                        pending = [dict(e) for e in listener.clear()]
+                        if not pending:
+                            break
+                        continue
+                else:
+                    ev = pending.pop(0)
                 if ev["event"] == "STOP":
                     stop_ts = _event_time(ev)
                     clock.mark("stop")
@@ -262,49 +273,64 @@ async def _cpr_exec(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport
     vm.state.argv = new_argv
 
 
-# ------------------------------------------------------------ cpr-transfer
+# ------------------------------------- cpr-transfer, and classic migration
 
 
-async def _cpr_transfer(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport,
-                        timeout: float) -> None:
+async def _to_new_process(vm: Machine, qemu: Path, clock: _Clock, report: UpdateReport,
+                          timeout: float, *, cpr: bool) -> None:
+    """cpr-transfer (*cpr*), or classic live migration to a new local QEMU."""
     assert vm.state is not None
     paths = vm.paths
+    what = "cpr-transfer" if cpr else "migration"
     deadline = asyncio.get_running_loop().time() + timeout
     # A QEMU unlinks the path its QMP socket was bound to when it quits: a
     # successor's socket gets a path of its own, renamed to qmp.sock only
     # after the old QEMU has quit.
     qmp_next = paths.qmp_next(vm.state.generation + 1)
-    cpr_listener = listen_unix(paths.cpr_sock)
-    cpr_fd = cpr_listener.fileno()
-    cpr_in = {"channel-type": "cpr",
-              "addr": {"transport": "socket", "type": "fd", "str": str(cpr_fd)}}
-    cpr_out = {"channel-type": "cpr",
-               "addr": {"transport": "socket", "type": "unix", "path": str(paths.cpr_sock)}}
     main = {"channel-type": "main",
             "addr": {"transport": "socket", "type": "unix", "path": str(paths.main_sock)}}
+    channels: list[dict[str, Any]] = [main]
+    extra = ["-incoming", "defer"]
+    cpr_listener = None
+    if cpr:
+        cpr_listener = listen_unix(paths.cpr_sock)
+        cpr_in = {"channel-type": "cpr",
+                  "addr": {"transport": "socket", "type": "fd",
+                           "str": str(cpr_listener.fileno())}}
+        channels.append({"channel-type": "cpr",
+                         "addr": {"transport": "socket", "type": "unix",
+                                  "path": str(paths.cpr_sock)}})
+        extra = ["-incoming", json.dumps(cpr_in), *extra]
     try:
-        proc, argv, fds = vm.spawn(vm.spec.with_qemu(qemu), qmp_next,
-                                   extra=["-incoming", json.dumps(cpr_in), "-incoming", "defer"],
-                                   extra_fds=[cpr_fd], fds=vm.state.fd_plan())
+        proc, argv, fds = vm.spawn(
+            vm.spec.with_qemu(qemu), qmp_next, extra=extra,
+            extra_fds=[cpr_listener.fileno()] if cpr_listener else [],
+            fds=vm.state.fd_plan() if cpr else None)
     except LaunchError as exc:
         raise UpdateError(f"new QEMU did not start: {exc}", rolled_back=True) from exc
     finally:
-        cpr_listener.close()
+        if cpr_listener is not None:
+            cpr_listener.close()
     clock.mark("start")
     new: QMPClient | None = None
     adopted = False
     try:
         await vm.execute("migrate-set-capabilities", EVENTS_ON)
-        await vm.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        if cpr:
+            await vm.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        else:
+            await vm.execute("migrate-set-parameters",
+                             {"mode": "normal", "max-bandwidth": MIGRATE_BANDWIDTH})
         old_events = EventListener(("STOP", "MIGRATION"))
         with vm.qmp.listen(old_events):
-            # Old first: the new monitor exists only once CPR state arrived.
-            await vm.execute("migrate", {"channels": [main, cpr_out]})
+            if cpr:
+                # Old first: the new monitor exists only once CPR state arrived.
+                await vm.execute("migrate", {"channels": channels})
             try:
                 new = await vm.open_qmp(qmp_next, proc, timeout=timeout)
             except LaunchError as exc:
                 raise _RollBack(f"new QEMU did not come up: {exc}") from exc
-            clock.mark("cpr-state")
+            clock.mark("cpr-state" if cpr else "start-monitor")
             stop_ts: float | None = None
 
             async def old_side() -> None:
@@ -320,8 +346,13 @@ async def _cpr_transfer(vm: Machine, qemu: Path, clock: _Clock, report: UpdateRe
                         return
 
             old_task = asyncio.ensure_future(old_side())
+            async def start_copy() -> None:
+                # classic: the new QEMU listens first, then the old one sends
+                await vm.execute("migrate", {"channels": channels})
+
             try:
-                resume_ts = await _incoming(vm, new, {"channels": [main]}, clock, deadline, proc)
+                resume_ts = await _incoming(vm, new, {"channels": [main]}, clock, deadline, proc,
+                                            then=None if cpr else start_copy)
                 async with asyncio.timeout_at(deadline):
                     await old_task
             except UpdateError as exc:
@@ -345,7 +376,7 @@ async def _cpr_transfer(vm: Machine, qemu: Path, clock: _Clock, report: UpdateRe
         report.pid_after = proc.pid
     except _RollBack as exc:
         rolled_back = await _roll_back(vm, proc, new)
-        raise UpdateError(f"cpr-transfer to {qemu} failed: {exc}",
+        raise UpdateError(f"{what} to {qemu} failed: {exc}",
                           rolled_back=rolled_back) from exc
     finally:
         if not adopted:
@@ -384,8 +415,10 @@ async def _roll_back(vm: Machine, new_proc: QemuProcess, new: QMPClient | None) 
 
 
 async def _incoming(vm: Machine, qmp: QMPClient, args: dict[str, object], clock: _Clock,
-                    deadline: float, proc: QemuProcess) -> float:
-    """migrate-incoming on a new QEMU; returns the RESUME timestamp.
+                    deadline: float, proc: QemuProcess,
+                    then: Callable[[], Awaitable[None]] | None = None) -> float:
+    """migrate-incoming on a new QEMU, then *then()*; returns the RESUME
+    timestamp.
 
     :raise UpdateError: when the load fails or the process dies.
     """
@@ -395,6 +428,8 @@ async def _incoming(vm: Machine, qmp: QMPClient, args: dict[str, object], clock:
         with qmp.listen(listener):
             await qmp.execute("migrate-set-capabilities", EVENTS_ON)
             await qmp.execute("migrate-incoming", args)
+            if then is not None:
+                await then()
             # QEMU resumes the guest before it declares the load completed.
             resume_ts: float | None = None
             status = ""
@@ -469,9 +504,9 @@ def _verify(report: UpdateReport) -> None:
     problems = []
     if report.mode == "cpr-exec" and report.pid_after != report.pid_before:
         problems.append(f"pid changed {report.pid_before} -> {report.pid_after}")
-    if report.mode == "cpr-transfer" and report.pid_after == report.pid_before:
-        problems.append("cpr-transfer kept the old pid")
-    if not report.ram_inode_unchanged:
+    if report.mode != "cpr-exec" and report.pid_after == report.pid_before:
+        problems.append(f"{report.mode} kept the old pid")
+    if report.mode != "migrate" and not report.ram_inode_unchanged:
         problems.append("guest RAM memfd inodes changed")
     ram = [b for b in report.ram_after if b.name == procfs.BACKEND_MEMFD_NAME]
     if not ram or not {"GROW", "SHRINK", "SEAL"} <= set(ram[0].seals):

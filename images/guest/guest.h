@@ -72,6 +72,7 @@ struct ram_range {
 struct config {
     u64 hb_ms;                          /* heartbeat interval */
     int pattern;                        /* pattern task on/off */
+    u64 pattern_passes;                 /* stop after N passes, 0 = never */
     u64 pattern_start, pattern_end;     /* user range, 0/0 = default */
     struct ram_range ram[MAX_RANGES];   /* usable RAM above the image */
     int nr_ram;

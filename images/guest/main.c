@@ -6,6 +6,7 @@
  *   hb_ms=N            heartbeat interval in ms (default 10)
  *   pattern=on|off     run the memory pattern task (default on)
  *   pattern_range=A-B  restrict the pattern to [A, B) (hex or K/M/G)
+ *   pattern_passes=N   go idle after N passes (RAM stays touched; 0 = never)
  *
  * Serial output (one line per event, parsed by sealvm.console):
  *   SEALVM-GUEST v1 ...        banner
@@ -99,6 +100,10 @@ static void parse_boot_info(u32 magic, u32 info)
     v = arg("pattern");
     if (v && !strncmp(v, "off", 3)) {
         cfg.pattern = 0;
+    }
+    v = arg("pattern_passes");
+    if (v) {
+        cfg.pattern_passes = parse_u64(v, NULL);
     }
     v = arg("pattern_range");
     if (v) {

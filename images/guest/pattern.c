@@ -73,7 +73,7 @@ static void pattern_step(void)
 {
     u64 end, g = gen;
 
-    if (!cfg.nr_ram) {
+    if (!cfg.nr_ram || (cfg.pattern_passes && gen >= cfg.pattern_passes)) {
         return;
     }
     end = cfg.ram[cur].end;
@@ -103,6 +103,9 @@ static void pattern_step(void)
     printf("PASS gen=%llu mism=%llu ms=%llu\n", gen, mism_pass,
            now_ms() - pass_start_ms);
     gen++;
+    if (cfg.pattern_passes && gen >= cfg.pattern_passes) {
+        printf("PATTERN idle after %llu passes\n", gen);
+    }
     mism_pass = 0;
     cur = 0;
     addr = cfg.ram[0].start;

@@ -1,0 +1,130 @@
+"""
+The patched QEMU refuses what would lose guest memory and seals what it
+maps, checked the way a user would see it (QMP, /proc), on real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_guest_intact, wait_full_pass
+from sealvm import Machine, QMPReplyError, procfs
+from sealvm.console import ConsoleFollower
+from sealvm.plan import incoming_argv
+from sealvm.spec import VmSpec
+
+EXPECTED = procfs.RAM_SEALS | procfs.F_SEAL_EXEC
+
+
+async def test_qemu_refuses_cpr_exec_of_anonymous_ram(
+    make_spec: Callable[..., VmSpec], run_root: Path
+) -> None:
+    """Without sealvm's preflight in the way: QEMU itself reports the
+    blocker and fails `migrate` before the guest is paused."""
+    vm = Machine(make_spec(backend="ram"), run_root=run_root)
+    await vm.launch()
+    try:
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_full_pass(con)
+            await vm.execute("migrate-set-parameters",
+                             {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(vm.argv)})
+            info = await vm.execute("query-migrate")
+            reasons = " ".join(info.get("blocked-reasons", []))
+            assert "ram0" in reasons, info
+            events = vm.events(["STOP"])
+            with pytest.raises(QMPReplyError, match="is not compatible with CPR"):
+                await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+            with pytest.raises(TimeoutError):  # the guest was never paused
+                await asyncio.wait_for(anext(events), 1.0)
+            await events.aclose()
+            assert await vm.status() == "running"
+            await wait_full_pass(con)
+            assert_guest_intact(con.log)
+    finally:
+        await vm.shutdown()
+
+
+async def test_every_ram_memfd_is_sealed_and_noexec(vm: Machine) -> None:
+    assert vm.pid is not None
+    memfds = procfs.memfds(vm.pid)
+    names = {m.name for m in memfds}
+    assert {"memory-backend-memfd", "pc.bios", "pc.rom"} <= names, names
+    for m in memfds:
+        if m.name == "CPR" or m.name.startswith("QEMU_CPR"):
+            continue
+        assert m.has_seals(EXPECTED), f"{m.name}: seals {m.seal_names}"
+        assert not m.executable, f"{m.name} is executable"
+
+
+async def test_sealed_ram_cannot_be_resized_from_outside(vm: Machine) -> None:
+    assert vm.pid is not None
+    for m in procfs.memfds(vm.pid):
+        fd = os.open(f"/proc/{vm.pid}/fd/{m.fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for size in (m.size // 2, m.size + (1 << 20)):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        assert os.stat(f"/proc/{vm.pid}/fd/{m.fd}").st_size == m.size
+    assert await vm.status() == "running"
+
+
+@pytest.fixture
+def noexec_qemu(qemu_binary: Path, tmp_path: Path) -> Path:
+    """QEMU started as pid 1 of a new pid namespace whose vm.memfd_noexec
+    is 2 (the sysctl is per pid namespace)."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and util-linux unshare to make a pid namespace")
+    if not Path("/proc/sys/vm/memfd_noexec").exists():
+        pytest.skip("kernel has no vm.memfd_noexec (before Linux 6.3)")
+    wrapper = tmp_path / "qemu-in-noexec-pidns"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --version|-machine) exec ' f'"{qemu_binary}" "$@";; esac\n'
+        f'exec {unshare} --pid --fork --kill-child -- /bin/sh -c '
+        "'echo 2 > /proc/sys/vm/memfd_noexec && exec \"$0\" \"$@\"' "
+        f'"{qemu_binary}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _qemu_child(pid: int) -> int:
+    """The QEMU process below the unshare wrapper."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                return _qemu_child(int(entry)) if "qemu" not in procfs.exe_of(
+                    int(entry)) else int(entry)
+    raise AssertionError(f"no QEMU below pid {pid}")
+
+
+async def test_qemu_runs_with_memfd_noexec_2(
+    make_spec: Callable[..., VmSpec], run_root: Path, noexec_qemu: Path
+) -> None:
+    vm = Machine(make_spec(qemu=str(noexec_qemu)), run_root=run_root)
+    await vm.launch()
+    try:
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_full_pass(con)
+            assert_guest_intact(con.log)
+        assert vm.pid is not None
+        qemu = _qemu_child(vm.pid)
+        assert Path(f"/proc/{qemu}/ns/pid").resolve() != Path("/proc/self/ns/pid").resolve()
+        memfds = procfs.memfds(qemu)
+        assert memfds
+        for m in memfds:
+            assert m.has_seals(EXPECTED) and not m.executable, m
+    finally:
+        await vm.shutdown()
