@@ -8,6 +8,7 @@ Capability gates skip with a reason; they never fail.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def run_root(tmp_path: Path) -> Iterator[Path]:
     root.mkdir()
     yield root
     leaked = _children_qemus(root)
+    for pid in leaked:  # report it, but do not leave it burning CPU
+        os.kill(pid, signal.SIGKILL)
     sockets = [p for p in root.rglob("*") if p.is_socket()]
     states = list(root.rglob("state.json"))
     assert not leaked, f"QEMU processes left running: {leaked}"
