@@ -17,7 +17,7 @@ QEMU_UPSTREAM = $(shell scripts/build-qemu --upstream --print 2>/dev/null)
 GUEST = $(shell scripts/build-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	check test test-unit demo bench clean-venv
+	check test test-unit demo bench series-check clean-venv
 
 all: deps qemu guest
 
@@ -51,13 +51,19 @@ guest:
 print-guest:
 	@scripts/build-guest --print
 
+# Apply the series patch by patch to pristine 10.2.2, build every prefix
+# incrementally, run checkpatch on every patch, run the series' qtest.
+series-check: deps qemu-upstream
+	scripts/series-check -t cpr-memory-test
+
 check: venv
 	$(VENV)/bin/ruff check control tests
 	$(VENV)/bin/mypy
 
 # Everything the tests need is built first; pytest gets the paths in env.
-test: deps qemu guest
-	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m pytest -ra $(PYTEST_ARGS)
+test: deps qemu qemu-upstream guest
+	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
+		$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit

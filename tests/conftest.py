@@ -96,3 +96,13 @@ async def vm(make_spec: Callable[..., VmSpec], run_root: Path) -> AsyncIterator[
         yield machine
     finally:
         await machine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def upstream_qemu() -> Path:
+    """Pristine QEMU 10.2.2 (no sealvm series), for what upstream does."""
+    path = os.environ.get("SEALVM_QEMU_UPSTREAM")
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip("no upstream QEMU: run `make test` (sets SEALVM_QEMU_UPSTREAM) "
+                    "or `make qemu-upstream`")
+    return Path(path)

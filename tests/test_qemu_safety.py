@@ -10,12 +10,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import EventListener, Runstate
 
 from helpers import assert_guest_intact, wait_full_pass
-from sealvm import Machine, QMPReplyError, procfs
+from sealvm import Machine, PreflightError, QMPReplyError, live_update, procfs
 from sealvm.console import ConsoleFollower
+from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
 from sealvm.plan import incoming_argv
 from sealvm.spec import VmSpec
 
@@ -128,3 +131,110 @@ async def test_qemu_runs_with_memfd_noexec_2(
             assert m.has_seals(EXPECTED) and not m.executable, m
     finally:
         await vm.shutdown()
+
+
+async def test_update_from_stock_qemu_is_refused(
+    make_spec: Callable[..., VmSpec], run_root: Path, upstream_qemu: Path, qemu_binary: Path
+) -> None:
+    """Stock QEMU leaves aux RAM memfds unsealed; a sealvm QEMU would refuse
+    to inherit them after exec, with the guest already gone: preflight says
+    so first."""
+    vm = Machine(make_spec(qemu=str(upstream_qemu)), run_root=run_root)
+    await vm.launch()
+    try:
+        with pytest.raises(PreflightError, match=r"ram-seals: .*pc\.bios \(SEAL\)"):
+            await live_update(vm, qemu=qemu_binary)
+        assert await vm.status() == "running"
+    finally:
+        await vm.shutdown()
+
+
+async def test_stock_qemu_loses_anonymous_ram_in_cpr_exec(
+    make_spec: Callable[..., VmSpec], run_root: Path, upstream_qemu: Path
+) -> None:
+    """The upstream 10.2.2 bug our series fixes, shown: cpr-exec of
+    memory-backend-ram is not blocked, and the guest comes back without
+    its memory (it crashes and reboots, or reports the pattern lost)."""
+    vm = Machine(make_spec(qemu=str(upstream_qemu), backend="ram"), run_root=run_root)
+    await vm.launch()
+    try:
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_full_pass(con)
+            argv = incoming_argv(vm.argv)
+            await vm.execute("migrate-set-parameters",
+                             {"mode": "cpr-exec", "cpr-exec-command": argv})
+            assert not (await vm.execute("query-migrate")).get("blocked-reasons")
+            qmp = vm.qmp
+            await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+            while qmp.runstate not in (Runstate.DISCONNECTING, Runstate.IDLE):
+                await qmp.runstate_changed()  # exec drops the monitor
+            await vm.connect()
+            await vm.execute("migrate-set-capabilities",
+                             {"capabilities": [{"capability": "events", "state": True}]})
+            listener = EventListener(("MIGRATION", "RESUME"))
+            assert vm.process is not None
+            died = asyncio.ensure_future(vm.process.exited.wait())
+            outcome = ""
+            with vm.qmp.listen(listener):
+                await vm.execute("migrate-incoming", {"uri": f"file:{vm.paths.cpr_state}"})
+                async with asyncio.timeout(60):
+                    while not outcome:
+                        nxt = asyncio.ensure_future(listener.get())
+                        await asyncio.wait({nxt, died}, return_when=asyncio.FIRST_COMPLETED)
+                        nxt.cancel()
+                        if not nxt.done() or nxt.cancelled():
+                            outcome = "failed"  # QEMU exits when the load fails
+                            continue
+                        ev: dict[str, Any] = dict(nxt.result())
+                        if ev["event"] == "RESUME":
+                            outcome = "resumed"
+                        elif ev["data"]["status"] == "failed":
+                            outcome = "failed"
+            died.cancel()
+            if outcome == "failed":
+                # zeroed RAM: device state that reads guest memory fails to
+                # load, and the new QEMU exits with the guest
+                assert await vm.process.wait_exit(10)
+                assert "load of migration failed" in vm.log_tail(), vm.log_tail()
+            else:
+                await con.wait_for(lambda log: log.reboots > 0 or bool(log.mismatches), 30)
+    finally:
+        await vm.shutdown()
+
+
+async def test_inventory_matches_proc(vm: Machine) -> None:
+    """x-query-cpr-memory tells the same fds, inodes and seals as /proc."""
+    inv = await query_inventory(vm)
+    assert inv is not None, "x-query-cpr-memory missing from the patched QEMU"
+    assert vm.pid is not None
+    assert mismatches_with_proc(inv, vm.pid) == []
+    names = {b.name for b in inv.ram_blocks}
+    assert {"ram0", "pc.bios", "pc.rom"} <= names
+    assert all(b.cpr_compatible and b.shared and b.fd_backed for b in inv.ram_blocks)
+    assert inv.vfio_containers == ()
+    # and the memfds /proc shows are exactly the ones QEMU reports
+    assert {b.fd for b in inv.ram_blocks} == {m.fd for m in procfs.memfds(vm.pid)}
+
+
+async def test_inventory_names_the_block_cpr_cannot_keep(
+    make_spec: Callable[..., VmSpec], run_root: Path
+) -> None:
+    vm = Machine(make_spec(backend="ram"), run_root=run_root)
+    await vm.launch()
+    try:
+        inv = await query_inventory(vm)
+        assert inv is not None
+        ram0 = {b.name: b for b in inv.ram_blocks}["ram0"]
+        assert not ram0.cpr_compatible and not ram0.fd_backed
+        assert ram0.cpr_blocker and "ram0" in ram0.cpr_blocker
+    finally:
+        await vm.shutdown()
+
+
+def test_malformed_inventory_is_a_typed_error() -> None:
+    bad: object
+    for bad in ([], {"ram-blocks": [{"name": 3}], "vfio-containers": []},
+                {"ram-blocks": [], "vfio-containers": [{"backend": "iommufd", "mappings": [
+                    {"iova": 0, "size": 1, "mode": "teleport"}]}]}):
+        with pytest.raises(QMPReplyError, match="x-query-cpr-memory"):
+            parse_inventory(bad)

@@ -199,6 +199,7 @@ class ConsoleFollower:
         except BlockingIOError:
             pass
         self._drain(now)
+        self._changed.set()
 
     def _drain(self, now: float) -> None:
         while True:
@@ -209,7 +210,6 @@ class ConsoleFollower:
             *lines, self._partial = data.split(b"\n")
             for raw in lines:
                 self.log.add(raw.decode(errors="replace").rstrip("\r"), now)
-        self._changed.set()
 
     async def wait_for(self, predicate: Callable[[ConsoleLog], bool], timeout: float) -> None:
         """Wait until *predicate(log)* holds.
@@ -217,13 +217,13 @@ class ConsoleFollower:
         :raise TimeoutError: when it does not hold within *timeout* seconds.
         """
         async with asyncio.timeout(timeout):
-            while not predicate(self.log):
+            while True:
                 self._changed.clear()
                 if self._fd >= 0:
                     self._drain(time.monotonic())
-                    if predicate(self.log):
-                        return
-                await self._changed.wait()
+                if predicate(self.log):
+                    return
+                await self._changed.wait()  # set by the next inotify event
 
     async def wait_heartbeats(self, count: int, timeout: float) -> None:
         """Wait until *count* more heartbeats than now have arrived."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import procfs
 from .errors import PreflightError, QMPReplyError
+from .inventory import COMMAND, query_inventory
 from .plan import RAM_ID
 
 if TYPE_CHECKING:
@@ -124,6 +125,20 @@ def check_ram(vm: Machine) -> Check:
                  f"seals {'|'.join(m.seal_names) or 'none'}")
 
 
+def check_seals(vm: Machine) -> Check:
+    """Every RAM memfd (backend and aux) must have a fixed size: a sealvm
+    QEMU refuses to inherit one that does not (and would exit after exec)."""
+    assert vm.pid is not None
+    loose = [f"{m.name} ({'|'.join(m.seal_names) or 'no seals'})"
+             for m in procfs.memfds(vm.pid) if not m.has_seals(procfs.RAM_SEALS)]
+    if loose:
+        return Check("ram-seals", False,
+                     "RAM memfds without GROW|SHRINK|SEAL: " + ", ".join(loose) +
+                     "; a sealvm QEMU will not inherit them (restart the VM on a sealvm "
+                     "QEMU once)")
+    return Check("ram-seals", True, "every RAM memfd is sealed GROW|SHRINK|SEAL")
+
+
 async def check_aux_ram_share(vm: Machine) -> Check:
     value = await vm.execute("qom-get", {"path": "/machine", "property": "aux-ram-share"})
     if value is not True:
@@ -138,6 +153,30 @@ def check_room(path: Path) -> Check:
         return Check("state-room", False,
                      f"{path.parent} has {usage.free >> 20} MiB free, need {STATE_ROOM >> 20}")
     return Check("state-room", True, f"{usage.free >> 20} MiB free in {path.parent}")
+
+
+async def check_inventory(vm: Machine) -> list[Check]:
+    """What QEMU itself reports (sealvm's QEMU): RAM blocks CPR cannot keep,
+    VFIO mappings that do not go through the file."""
+    inv = await query_inventory(vm)
+    if inv is None:
+        return [Check("qemu-inventory", True, f"{COMMAND} not available (stock QEMU)")]
+    bad = [f"{b.name}: {b.cpr_blocker or 'not preserved'}" for b in inv.ram_blocks
+           if not b.cpr_compatible]
+    checks = [Check("ram-blocks", not bad,
+                    "; ".join(bad) if bad else f"{len(inv.ram_blocks)} RAM blocks, all kept")]
+    for c in inv.vfio_containers:
+        name = f"vfio-{c.backend}{'' if c.ioas_id is None else f'-ioas{c.ioas_id}'}"
+        vaddr = c.by_vaddr
+        if c.backend == "iommufd" and vaddr:
+            regions = sorted({m.memory_region or hex(m.iova) for m in vaddr})
+            checks.append(Check(name, False,
+                                f"{len(vaddr)} DMA mapping(s) by virtual address "
+                                f"({', '.join(regions)}): the device would lose them at exec"))
+        else:
+            how = "by file" if c.backend == "iommufd" else "by vaddr (type1 VADDR update)"
+            checks.append(Check(name, True, f"{len(c.mappings)} DMA mapping(s) {how}"))
+    return checks
 
 
 async def check_blockers(vm: Machine, mode: str) -> Check:
@@ -164,8 +203,12 @@ async def check_blockers(vm: Machine, mode: str) -> Check:
     return Check("qemu-blockers", True, f"none for {mode}")
 
 
-async def run_preflight(vm: Machine, *, mode: str, qemu: Path) -> list[Check]:
+async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
+                        require_sealed: bool = True) -> list[Check]:
     """Run every check; raise if any fails.
+
+    With *require_sealed* False (comparisons with a stock QEMU), unsealed
+    RAM memfds are reported but do not fail the preflight.
 
     :raise PreflightError: listing every failed check (the VM is untouched).
     """
@@ -177,7 +220,11 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path) -> list[Check]:
                         f"guest is {status}"))
     if mode in CPR_MODES:
         checks.append(check_ram(vm))
+        seals = check_seals(vm)
+        checks.append(seals if require_sealed or seals.ok else
+                      Check(seals.name, True, f"(not required) {seals.detail}"))
         checks.append(await check_aux_ram_share(vm))
+        checks.extend(await check_inventory(vm))
     checks.append(await check_binary(vm, qemu))
     if mode == "cpr-exec":
         checks.append(check_room(vm.paths.cpr_state))

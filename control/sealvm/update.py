@@ -41,7 +41,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 
 from . import procfs
 from .console import ConsoleFollower
-from .errors import LaunchError, PreflightError, SealvmError, UpdateError
+from .errors import LaunchError, PreflightError, QMPReplyError, SealvmError, UpdateError
 from .machine import Machine, listen_unix
 from .machine import Runstate as VmRunstate
 from .plan import incoming_argv
@@ -137,12 +137,15 @@ async def live_update(
     heartbeat_interval: float | None = None,
     timeout: float = 60.0,
     progress: Progress | None = None,
+    require_sealed: bool = True,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
     With *heartbeat_interval* (seconds), the guest is the sealvm test guest:
     its serial log is followed and the pause it saw is measured.
     *progress(phase, seconds)* is called as each phase ends.
+    *require_sealed* False lets a stock QEMU (unsealed aux RAM) be updated,
+    for comparisons; sealvm's own QEMU always seals.
 
     :raise PreflightError: refused before the guest paused; VM untouched.
     :raise UpdateError: failed after the update started; ``rolled_back``
@@ -154,7 +157,7 @@ async def live_update(
         raise PreflightError([f"VM {vm.name} is {vm.runstate.value}, not running"])
     new_qemu = (qemu or Path(vm.argv[0])).resolve()
     clock = _Clock(progress)
-    checks = await run_preflight(vm, mode=mode, qemu=new_qemu)
+    checks = await run_preflight(vm, mode=mode, qemu=new_qemu, require_sealed=require_sealed)
     pid = vm.pid
     report = UpdateReport(
         mode=mode,
@@ -325,7 +328,10 @@ async def _to_new_process(vm: Machine, qemu: Path, clock: _Clock, report: Update
         with vm.qmp.listen(old_events):
             if cpr:
                 # Old first: the new monitor exists only once CPR state arrived.
-                await vm.execute("migrate", {"channels": channels})
+                try:
+                    await vm.execute("migrate", {"channels": channels})
+                except QMPReplyError as exc:  # e.g. the new QEMU is already gone
+                    raise _RollBack(f"old QEMU: {exc}") from exc
             try:
                 new = await vm.open_qmp(qmp_next, proc, timeout=timeout)
             except LaunchError as exc:
