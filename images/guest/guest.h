@@ -91,5 +91,6 @@ struct task {
 };
 
 extern const struct task pattern_task;
+extern const struct task edu_task;
 
 #endif

@@ -1,0 +1,315 @@
+"""
+Inside L1: an assigned edu keeps DMA-ing through live updates of L2 QEMU.
+
+    python -m nested.l1_vfio BACKEND BDF [--updates N] [--mode cpr-exec]
+                             [--hb-ms MS] [--stock-qemu]
+
+BACKEND is ``iommufd`` (sealvm opens /dev/iommu and the vfio cdev and passes
+the fds) or ``legacy`` (QEMU opens the type1 container and group itself).
+The scenario binds BDF to vfio-pci, starts L2 -- our QEMU (TCG) running the
+sealvm test guest with the device assigned, guest RAM a sealed memfd --
+through `sealvm.Machine`, and live-updates it N times with
+`sealvm.live_update`.  The guest's edu exerciser loops DMA
+RAM -> device -> RAM and reports ``dma=<ok> dma_err=<failed>`` on each
+heartbeat; the pattern task verifies guest RAM.
+
+Observed, not assumed (QEMU trace events in L2's qemu.log): how guest RAM
+was handed to the IOMMU at start (by file or by vaddr), what each update
+did (CHANGE_PROCESS, new maps), and which VFIO fds QEMU holds.
+
+Writes results/vfio-BACKEND.json (see l1_lib.Checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sealvm import Machine, QMPReplyError, live_update, spec_from_dict
+from sealvm.console import ConsoleFollower, ConsoleLog
+
+from .l1_lib import (
+    Checks,
+    bind_vfio_pci,
+    count_events,
+    iommu_group,
+    qemu_pids,
+    trace_args,
+    trace_events,
+    vfio_cdevs,
+)
+
+RUN_ROOT = Path("/run/sealvm-l2")
+MEMORY = 256 << 20
+#: The pattern task's range: 62 MiB above the image (whose .bss holds the
+#: edu DMA pages), a full pass every few seconds nested.
+PATTERN_RANGE = "0x200000-0x4000000"
+#: DMA round trips to see before the first update.
+DMA_WARMUP = 3
+STEP_TIMEOUT = 120.0
+
+_MAP = re.compile(r"iova=0x([0-9a-f]+) size=0x([0-9a-f]+).*\((-?\d+)\)")
+_REGION = re.compile(r"0x([0-9a-f]+) - 0x([0-9a-f]+)")
+
+
+def last_dma(log: ConsoleLog) -> tuple[int, int]:
+    hbs = [hb for hb in log.heartbeats if "dma" in hb.values]
+    if not hbs:
+        return -1, -1
+    return hbs[-1].int("dma"), hbs[-1].int("dma_err")
+
+
+async def wait_dma(con: ConsoleFollower, above: int, timeout: float) -> float:
+    """Wait for a heartbeat with dma > *above*; returns the wait (s)."""
+    t = time.monotonic()
+    await con.wait_for(lambda log: last_dma(log)[0] > above, timeout)
+    return time.monotonic() - t
+
+
+async def wait_full_pass(con: ConsoleFollower, timeout: float) -> int:
+    """A pattern pass that started after now has completed: every word
+    written before now was verified."""
+    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
+    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
+    return max(p.gen for p in con.log.passes)
+
+
+def ram_maps(events: list[tuple[str, str]]) -> dict[str, list[list[int]]]:
+    """Successful mappings of guest-RAM IOVAs (< MEMORY), by mechanism."""
+    out: dict[str, list[list[int]]] = {"file": [], "vaddr": [], "listener": []}
+    for name, rest in events:
+        if name in ("iommufd_backend_map_file_dma", "iommufd_backend_map_dma"):
+            m = _MAP.search(rest)
+            if m and int(m.group(3)) == 0 and int(m.group(1), 16) < MEMORY:
+                kind = "file" if name.endswith("file_dma") else "vaddr"
+                out[kind].append([int(m.group(1), 16), int(m.group(2), 16)])
+        elif name == "vfio_listener_region_add_ram":
+            r = _REGION.search(rest)
+            if r and int(r.group(1), 16) < MEMORY:
+                out["listener"].append([int(r.group(1), 16), int(r.group(2), 16)])
+    return out
+
+
+def vfio_fds(pid: int) -> list[str]:
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("/dev/vfio", "/dev/iommu")):
+            found.append(target)
+    return sorted(found)
+
+
+async def qmp_dma_view(vm: Machine) -> dict[str, Any] | None:
+    """VFIO containers and how they map guest RAM (ram0), from QEMU's own
+    ``x-query-cpr-memory`` (our series); None when QEMU lacks the command."""
+    try:
+        info = await vm.execute("x-query-cpr-memory")
+    except QMPReplyError as exc:
+        if "CommandNotFound" in str(exc):
+            return None
+        raise
+    ram = {b["name"]: b for b in info["ram-blocks"]}
+    view: dict[str, Any] = {"ram0_inode": ram.get("ram0", {}).get("inode"), "containers": []}
+    for c in info["vfio-containers"]:
+        maps = [m for m in c["mappings"] if m["memory-region"] == "ram0"]
+        view["containers"].append({
+            "backend": c["backend"],
+            "ram0_modes": sorted({m["mode"] for m in maps}),
+            "ram0_bytes": sum(m["size"] for m in maps),
+            "ram0_inodes": sorted({m["inode"] for m in maps if "inode" in m}),
+            "cpr_blockers": c["cpr-blockers"],
+        })
+    return view
+
+
+def qmp_view_ok(view: dict[str, Any], backend: str) -> bool:
+    """One container of *backend* maps all of ram0, by file (iommufd, from the
+    RAM memfd itself) or by vaddr (legacy), with no CPR blocker."""
+    if len(view["containers"]) != 1:
+        return False
+    c = view["containers"][0]
+    if c["backend"] != backend or c["cpr_blockers"] or c["ram0_bytes"] < MEMORY:
+        return False
+    if backend == "iommufd":
+        return bool(c["ram0_modes"] == ["file"] and c["ram0_inodes"] == [view["ram0_inode"]])
+    return bool(c["ram0_modes"] == ["vaddr"])
+
+
+class QemuLog:
+    """L2 QEMU's log (stdout/stderr, traces), read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new_events(self) -> list[tuple[str, str]]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        return trace_events(data.decode(errors="replace"))
+
+
+async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: str,
+                   hb_ms: int, stock_qemu: bool = False) -> None:
+    bind_vfio_pci(bdf)
+    checks.check("edu bound to vfio-pci", True,
+                 f"{bdf}: group {iommu_group(bdf)}, cdevs {vfio_cdevs(bdf)}")
+    spec = spec_from_dict({
+        "name": f"l2-{backend}",
+        "qemu": os.environ["SEALVM_QEMU"],
+        "memory": {"size": MEMORY, "backend": "memfd"},
+        "guest": {"kernel": os.environ["SEALVM_GUEST"],
+                  "cmdline": f"hb_ms={hb_ms} pattern_range={PATTERN_RANGE}"},
+        "vfio": [{"id": "edu0", "host": bdf, "backend": backend}],
+        "extra_args": trace_args(),
+    })
+    vm = Machine(spec, run_root=RUN_ROOT)
+    hb = hb_ms / 1000
+    t0 = time.monotonic()
+    await vm.launch(timeout=STEP_TIMEOUT)
+    try:
+        checks.figures["l2_start_qmp"] = time.monotonic() - t0
+        assert vm.pid is not None
+        pid = vm.pid
+        qlog = QemuLog(vm.paths.qemu_log)
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_dma(con, 0, STEP_TIMEOUT)
+            checks.figures["l2_start_first_dma"] = time.monotonic() - t0
+            await wait_dma(con, DMA_WARMUP - 1, STEP_TIMEOUT)
+            fds = vfio_fds(pid)
+            checks.figures["vfio_fds"] = fds
+            if backend == "iommufd":
+                checks.check("L2 holds /dev/iommu and the vfio cdev (passed by sealvm)",
+                             "/dev/iommu" in fds and any("/devices/vfio" in f for f in fds),
+                             fds)
+            else:
+                checks.check("L2 holds the type1 container and the group",
+                             "/dev/vfio/vfio" in fds and "/dev/iommu" not in fds, fds)
+            start = ram_maps(qlog.new_events())
+            checks.figures["maps_at_start"] = start
+            if backend == "iommufd":
+                checks.check("guest RAM mapped by file (iommufd_backend_map_file_dma)",
+                             bool(start["file"]) and not start["vaddr"], start)
+            else:
+                checks.check("guest RAM mapped by vaddr (type1, no iommufd)",
+                             bool(start["listener"]) and not start["file"]
+                             and not start["vaddr"], start)
+            view = await qmp_dma_view(vm)
+            checks.figures["qmp_view_at_start"] = view
+            if view is not None:
+                checks.check(f"x-query-cpr-memory: ram0 mapped by "
+                             f"{'file' if backend == 'iommufd' else 'vaddr'}",
+                             qmp_view_ok(view, backend), view)
+            dma0, err0 = last_dma(con.log)
+            checks.check("DMA heartbeat before the first update",
+                         dma0 >= DMA_WARMUP and err0 == 0,
+                         f"dma={dma0} dma_err={err0}")
+
+            per_update: list[dict[str, Any]] = []
+            for i in range(1, updates + 1):
+                before, _ = last_dma(con.log)
+                report = await live_update(vm, mode=mode, heartbeat_interval=hb,
+                                           timeout=STEP_TIMEOUT,
+                                           require_sealed=not stock_qemu)
+                waited = await wait_dma(con, max(before, last_dma(con.log)[0]) + 1,
+                                        STEP_TIMEOUT)
+                dma, err = last_dma(con.log)
+                events = qlog.new_events()
+                counts = count_events(events)
+                maps = ram_maps(events)
+                row = {
+                    "update": i, "pid": report.pid_after, "pause_qmp": report.pause_qmp,
+                    "pause_guest": report.pause_guest, "total": report.total,
+                    "phases": report.phases, "dma_before": before, "dma_after": dma,
+                    "dma_err": err, "dma_progress_wait": waited, "traces": counts,
+                    "maps": maps,
+                }
+                per_update.append(row)
+                checks.check(f"update {i}: same pid", report.pid_after == pid,
+                             report.pid_after)
+                checks.check(f"update {i}: DMA continues after the update",
+                             dma > before + 1 and err == 0,
+                             f"dma {before} -> {dma}, dma_err={err}")
+                if backend == "iommufd":
+                    ok = [r for n, r in events if n == "iommufd_change_process"]
+                    checks.check(f"update {i}: IOMMU_IOAS_CHANGE_PROCESS after exec",
+                                 any(r.endswith("(1)") for r in ok), ok)
+                    checks.check(f"update {i}: no new DMA map of guest RAM",
+                                 not maps["file"] and not maps["vaddr"], maps)
+                else:
+                    checks.check(f"update {i}: guest RAM re-registered by vaddr",
+                                 bool(maps["listener"]) and not maps["file"]
+                                 and counts["iommufd_change_process"] == 0, maps)
+                view = await qmp_dma_view(vm)
+                row["qmp_view"] = view
+                if view is not None:
+                    checks.check(f"update {i}: x-query-cpr-memory in the new QEMU",
+                                 qmp_view_ok(view, backend), view)
+                checks.check(f"update {i}: heartbeat continuous, pattern intact",
+                             report.heartbeat_continuous is True and report.mismatches == 0,
+                             f"continuous={report.heartbeat_continuous} "
+                             f"mismatches={report.mismatches}")
+            checks.figures["updates"] = per_update
+            gen = await wait_full_pass(con, STEP_TIMEOUT)
+            dma, err = last_dma(con.log)
+            checks.check("after the last update: a full pattern pass verified", gen > 0,
+                         f"gen {gen}")
+            checks.check("guest RAM pattern intact throughout",
+                         not con.log.mismatches and con.log.reboots == 0
+                         and con.log.counter_continuous(),
+                         f"mismatches={con.log.mismatched_words} reboots={con.log.reboots}")
+            checks.check("no DMA failure throughout", err == 0, f"dma={dma} dma_err={err}")
+        serial = vm.paths.serial.read_text(errors="replace")
+        edu_errs = [line for line in serial.splitlines() if line.startswith("EDU-ERR")]
+        checks.check("no EDU-ERR line on the guest console", not edu_errs, edu_errs[:5])
+        checks.figures["edu_found"] = [line for line in serial.splitlines()
+                                       if line.startswith("EDU found")]
+    finally:
+        await vm.shutdown()
+        checks.figures["qemu_log_tail"] = vm.log_tail(40)
+    checks.check("L2 QEMU gone after shutdown", not qemu_pids(), qemu_pids())
+    leftovers = [str(p) for p in vm.paths.root.glob("*")
+                 if p.is_socket() or p.name in ("state.json", "cpr-state")]
+    checks.check("L2 run directory cleaned", not leftovers, leftovers)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("backend", choices=("iommufd", "legacy"))
+    ap.add_argument("bdf")
+    ap.add_argument("--updates", type=int, default=5)
+    ap.add_argument("--mode", default="cpr-exec")
+    ap.add_argument("--hb-ms", type=int, default=20)
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--stock-qemu", action="store_true",
+                    help="$SEALVM_QEMU is an unpatched QEMU (negative control)")
+    args = ap.parse_args()
+    checks = Checks(f"vfio-{args.backend}")
+    checks.figures.update(backend=args.backend, bdf=args.bdf, mode=args.mode,
+                          hb_ms=args.hb_ms, memory=MEMORY)
+
+    async def run() -> None:
+        async with asyncio.timeout(args.timeout):
+            await scenario(checks, args.backend, args.bdf, args.updates, args.mode,
+                           args.hb_ms, args.stock_qemu)
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # recorded for the L0 test, which fails on it
+        checks.failed(exc)
+    checks.save()
+    return 0 if checks.error is None and all(c.ok for c in checks.checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
