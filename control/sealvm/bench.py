@@ -19,6 +19,11 @@ Modes:
   sealvm-transfer   cpr-transfer with our QEMU
   classic           live migration to a new local QEMU over a unix socket
                     (RAM copied)
+  sealvm-exec-2M    cpr-exec with our QEMU, guest RAM in a hugetlb memfd
+  upstream-exec-2M  the same with pristine QEMU
+The hugetlb rows run only where the machine can reserve the huge pages
+(the bench reserves them through vm.nr_hugepages and gives them back);
+otherwise they are skipped, saying why.
 
     python -m sealvm.bench [--sizes 64M,1G,4G,8G] [--updates 5] [--out DIR]
 """
@@ -50,7 +55,33 @@ MODES = {
     "upstream-exec": ("upstream", "cpr-exec"),
     "sealvm-transfer": ("sealvm", "cpr-transfer"),
     "classic": ("sealvm", "migrate"),
+    "sealvm-exec-2M": ("sealvm", "cpr-exec"),
+    "upstream-exec-2M": ("upstream", "cpr-exec"),
 }
+HUGEPAGE = 2 << 20
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def reserve_hugepages(size: int) -> str | None:
+    """Make *size* bytes of 2 MiB pages free; None if done, else why not."""
+    try:
+        total = int(NR_HUGEPAGES.read_text())
+        free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+                   .read_text())
+    except OSError as exc:
+        return f"cannot read huge page counters: {exc}"
+    need = size // HUGEPAGE - free
+    if need <= 0:
+        return None
+    try:
+        NR_HUGEPAGES.write_text(str(total + need))
+    except OSError as exc:
+        return f"cannot reserve {need} huge pages: {exc.strerror}"
+    got = int(NR_HUGEPAGES.read_text()) - total
+    if got < need:
+        NR_HUGEPAGES.write_text(str(total))
+        return f"the kernel gave {got} of {need} huge pages (memory fragmented or short)"
+    return None
 
 
 @dataclass
@@ -107,7 +138,7 @@ async def run_point(mode: str, size: int, *, qemu: Path, guest: Path, updates: i
     spec = spec_from_dict({
         "name": f"bench-{mode}-{size >> 20}m",
         "qemu": str(qemu),
-        "memory": {"size": size},
+        "memory": {"size": size, "hugetlb": mode.endswith("-2M")},
         "guest": {"kernel": str(guest), "cmdline": f"hb_ms={HB_MS}{passes}"},
     })
     point = Point(mode, size)
@@ -147,6 +178,14 @@ def print_table(points: list[Point]) -> None:
               f"{_ms(s['pause_guest_max']):>9} {_ms(s['pause_qmp_median']):>8} "
               f"{_ms(s['pause_qmp_max']):>8} {_ms(s['total_median']):>9} "
               f"{_ms(s['controller_added_median']):>9}  {phases}")
+
+
+GOALS = {
+    "pause(8G)/pause(1G) sealvm-exec": 1.2,
+    "sealvm/upstream cpr-exec pause at 8G": 0.3,
+    "sealvm cpr-exec/classic total at 4G": 0.05,
+    "controller added (sealvm-exec, median s)": 0.005,
+}
 
 
 def ratios(points: list[Point]) -> dict[str, float | None]:
@@ -202,15 +241,21 @@ def plot(points: list[Point], path: Path) -> bool:
     return True
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run_all(args: argparse.Namespace, out: Path, skipped: list[str]) -> list[Point]:
     binaries = {"sealvm": Path(args.qemu), "upstream": Path(args.qemu_upstream)}
     sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",")]
+    huge_sizes = {parse_size(s, "--hugetlb-sizes") for s in args.hugetlb_sizes.split(",")}
     points: list[Point] = []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sealvm-bench-") as tmp:
-        for size in sizes:
+        for size in sorted(set(sizes) | huge_sizes):
             for mode in args.modes.split(","):
+                huge = mode.endswith("-2M")
+                if size not in (huge_sizes if huge else sizes):
+                    continue
+                if huge and (why := reserve_hugepages(size)) is not None:
+                    skipped.append(f"{mode} {size >> 20} MiB: {why}")
+                    print(f"bench: skip {skipped[-1]}", flush=True)
+                    continue
                 which, _ = MODES[mode]
                 start = time.monotonic()
                 p = await run_point(mode, size, qemu=binaries[which], guest=Path(args.guest),
@@ -220,19 +265,36 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"bench: {mode:<16} {size >> 20:>6} MiB: guest pause median "
                       f"{_ms(s['pause_guest_median'])} ms, QMP {_ms(s['pause_qmp_median'])} ms "
                       f"({time.monotonic() - start:.0f} s)", flush=True)
+    return points
+
+
+async def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    hugepages_before = NR_HUGEPAGES.read_text() if NR_HUGEPAGES.exists() else None
+    try:
+        points = await run_all(args, out, skipped)
+    finally:
+        if hugepages_before is not None:
+            NR_HUGEPAGES.write_text(hugepages_before)
     print_table(points)
     r = ratios(points)
-    data = {"points": [p.summary() for p in points], "ratios": r,
-            "reports": [{"mode": p.mode, "size": p.size, "reports": [x.to_dict() for x in
-                                                                     p.reports]}
-                        for p in points],
+    data = {"points": [p.summary() for p in points], "ratios": r, "skipped": skipped,
+            "reports": [{"mode": p.mode, "size": p.size,
+                         "reports": [x.to_dict() for x in p.reports]} for p in points],
             "host": {"nproc": os.cpu_count(), "time": time.time()}}
     (out / "bench.json").write_text(json.dumps(data, indent=1))
     plotted = plot(points, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
-    print("\nratios:")
+    for line in skipped:
+        print(f"skipped: {line}")
+    print("\nratios (goal in brackets):")
     for k, v in r.items():
-        print(f"  {k:<44} {'-' if v is None else f'{v:.3f}'}")
+        goal = GOALS.get(k)
+        verdict = "" if goal is None or v is None else ("  ok" if v <= goal else "  MISSED")
+        print(f"  {k:<44} {'-' if v is None else f'{v:.3f}':>8}"
+              f"{'' if goal is None else f'  [<= {goal}]'}{verdict}")
     return 0
 
 
@@ -241,6 +303,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,1G,4G,8G")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--hugetlb-sizes", default="1G,4G",
+                   help="sizes for the -2M (hugetlb) modes; the others use --sizes")
     p.add_argument("--updates", type=int, default=5)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--qemu", default=os.environ.get("SEALVM_QEMU"))
