@@ -81,6 +81,11 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
 
     assert cli.json("qmp", "clivm", "no-such-command", rc=8)["error"] == "QMPReplyError"
     assert cli.json("qmp", "clivm", "query-status", "{bad", rc=8)["error"] == "QMPReplyError"
+    dry = cli.json("update", "clivm", "--dry-run")
+    assert dry["ok"] and {"ram", "ram-seals", "new-binary", "qemu-blockers"} <= {
+        c["name"] for c in dry["checks"]}
+    assert cli.json("update", "clivm", "--dry-run", "--qemu", str(tmp_path / "missing"),
+                    rc=4)["ok"] is False
     refused = cli.json("update", "clivm", "--qemu", str(tmp_path / "missing"), rc=4)
     assert refused["error"] == "PreflightError" and "does not exist" in refused["reasons"][0]
     assert cli.json("status", "clivm")["status"] == "running"

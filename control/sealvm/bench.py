@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .console import ConsoleFollower, ConsoleLog
+from .errors import SealvmError
 from .machine import Machine
 from .spec import parse_size, spec_from_dict
 from .update import UpdateReport, live_update
@@ -147,14 +148,17 @@ async def run_point(mode: str, size: int, *, qemu: Path, guest: Path, updates: i
     try:
         async with ConsoleFollower(vm.paths.serial) as con:
             for _ in range(updates):
-                if not passes or not con.log.passes:
+                if passes:
+                    # classic: one pass writes all RAM, then the guest idles
+                    await con.wait_for(_passes_at_least(1), 900)
+                else:
                     # a whole pass, begun after the last update: all of the
                     # RAM is mapped in the QEMU about to be replaced
                     await con.wait_for(_passes_at_least(len(con.log.passes) + 2), 900)
                 point.touched = _touched(vm.paths.serial)
                 report = await live_update(vm, qemu=qemu, mode=live_mode,
                                            heartbeat_interval=HB_MS / 1000, timeout=900,
-                                           require_sealed=mode != "upstream-exec")
+                                           require_sealed=not mode.startswith("upstream"))
                 point.reports.append(report)
             if point.reports and any(r.mismatches for r in point.reports):
                 raise SystemExit(f"bench: {mode} {size >> 20} MiB: guest memory mismatches")
@@ -241,7 +245,8 @@ def plot(points: list[Point], path: Path) -> bool:
     return True
 
 
-async def run_all(args: argparse.Namespace, out: Path, skipped: list[str]) -> list[Point]:
+async def run_all(args: argparse.Namespace, skipped: list[str],
+                  failed: list[str]) -> list[Point]:
     binaries = {"sealvm": Path(args.qemu), "upstream": Path(args.qemu_upstream)}
     sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",")]
     huge_sizes = {parse_size(s, "--hugetlb-sizes") for s in args.hugetlb_sizes.split(",")}
@@ -258,8 +263,14 @@ async def run_all(args: argparse.Namespace, out: Path, skipped: list[str]) -> li
                     continue
                 which, _ = MODES[mode]
                 start = time.monotonic()
-                p = await run_point(mode, size, qemu=binaries[which], guest=Path(args.guest),
-                                    updates=args.updates, run_root=Path(tmp))
+                try:
+                    p = await run_point(mode, size, qemu=binaries[which],
+                                        guest=Path(args.guest), updates=args.updates,
+                                        run_root=Path(tmp))
+                except SealvmError as exc:
+                    failed.append(f"{mode} {size >> 20} MiB: {type(exc).__name__}: {exc}")
+                    print(f"bench: FAILED {failed[-1]}", flush=True)
+                    continue
                 points.append(p)
                 s = p.summary()
                 print(f"bench: {mode:<16} {size >> 20:>6} MiB: guest pause median "
@@ -272,15 +283,17 @@ async def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
+    failed: list[str] = []
     hugepages_before = NR_HUGEPAGES.read_text() if NR_HUGEPAGES.exists() else None
     try:
-        points = await run_all(args, out, skipped)
+        points = await run_all(args, skipped, failed)
     finally:
         if hugepages_before is not None:
             NR_HUGEPAGES.write_text(hugepages_before)
     print_table(points)
     r = ratios(points)
     data = {"points": [p.summary() for p in points], "ratios": r, "skipped": skipped,
+            "failed": failed,
             "reports": [{"mode": p.mode, "size": p.size,
                          "reports": [x.to_dict() for x in p.reports]} for p in points],
             "host": {"nproc": os.cpu_count(), "time": time.time()}}
@@ -289,13 +302,15 @@ async def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
     for line in skipped:
         print(f"skipped: {line}")
+    for line in failed:
+        print(f"FAILED: {line}")
     print("\nratios (goal in brackets):")
     for k, v in r.items():
         goal = GOALS.get(k)
         verdict = "" if goal is None or v is None else ("  ok" if v <= goal else "  MISSED")
         print(f"  {k:<44} {'-' if v is None else f'{v:.3f}':>8}"
               f"{'' if goal is None else f'  [<= {goal}]'}{verdict}")
-    return 0
+    return 1 if failed else 0
 
 
 def main() -> int:

@@ -6,10 +6,11 @@ sealvm: the command line for VM operators and scripts.
     up SPEC                      launch the VM a TOML spec describes; returns
                                  once its monitor answers (QEMU keeps running)
     status [VM]                  one VM in detail, or every VM in the run dir
-    update VM [--qemu PATH] [--mode exec|transfer|migrate]
+    update VM [--qemu PATH] [--mode exec|transfer|migrate] [--dry-run]
                                  live-update the VM's QEMU (default: same binary,
                                  cpr-exec; migrate = classic, RAM copied);
-                                 progress on stderr
+                                 progress on stderr; --dry-run prints every
+                                 preflight check (RAM, seals, devices, binary...)
     pause VM / resume VM         stop / continue the guest's vCPUs
     down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
     qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
@@ -56,6 +57,7 @@ from .errors import (
 )
 from .host import host_check
 from .machine import Machine, default_run_root, list_vms
+from .preflight import run_preflight
 from .spec import load_spec
 from .update import live_update
 
@@ -152,11 +154,23 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_update(args: argparse.Namespace, out: Output) -> int:
     vm = await Machine.attach(args.vm, run_root=args.run_dir)
+    mode = "migrate" if args.mode == "migrate" else f"cpr-{args.mode}"
+    if args.dry_run:
+        try:
+            qemu = Path(args.qemu).resolve() if args.qemu else Path(vm.argv[0])
+            checks = await run_preflight(vm, mode=mode, qemu=qemu, raise_on_failure=False)
+        finally:
+            await vm.detach()
+        ok = all(c.ok for c in checks)
+        text = "\n".join(f"{'ok ' if c.ok else 'NO '} {c.name:<16} {c.detail}" for c in checks)
+        out.result({"mode": mode, "ok": ok, "checks": [asdict(c) for c in checks]},
+                   text + f"\n{args.vm}: {mode} would be " + ("allowed" if ok else "REFUSED"))
+        return 0 if ok else 4
     try:
         out.progress(f"{args.vm}: {args.mode} to {args.qemu or 'the same binary'}")
         report = await live_update(
             vm, qemu=Path(args.qemu) if args.qemu else None,
-            mode="migrate" if args.mode == "migrate" else f"cpr-{args.mode}",
+            mode=mode,
             heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
             timeout=args.timeout,
             progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
@@ -269,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
                      help="the guest is the sealvm test guest with this heartbeat: "
                           "measure the pause it sees")
     upd.add_argument("--timeout", type=float, default=60.0)
+    upd.add_argument("--dry-run", action="store_true",
+                     help="run the preflight checks only and print them all (exit 4 if refused)")
     for verb in ("pause", "resume"):
         sub.add_parser(verb, parents=[common], help=f"{verb} the guest").add_argument("vm")
     dn = sub.add_parser("down", parents=[common], help="stop a VM")

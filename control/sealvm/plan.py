@@ -103,6 +103,11 @@ def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
     for dev in spec.vfio:
         if dev.backend == "iommufd":
             opts = f"vfio-pci,id={dev.id},iommufd={IOMMUFD_ID},fd={fds.vfio[dev.id]}"
+            if dev.sysfsdev is not None:
+                # QEMU tells an mdev by its sysfs path, even with the fd passed:
+                # without it, realize asks iommufd for hardware info the
+                # emulated device does not have (ENOENT)
+                opts += f",sysfsdev={dev.sysfsdev}"
         elif dev.host is not None:
             opts = f"vfio-pci,id={dev.id},host={dev.host}"
         else:

@@ -16,10 +16,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import procfs
-from .errors import PreflightError, QMPReplyError
+from . import procfs, vfio
+from .errors import HostError, PreflightError, QMPReplyError
+from .host import vfio_cdev
 from .inventory import COMMAND, query_inventory
 from .plan import RAM_ID
 
@@ -179,14 +180,13 @@ async def check_inventory(vm: Machine) -> list[Check]:
     return checks
 
 
-async def check_blockers(vm: Machine, mode: str) -> Check:
-    """QEMU's own blockers for *mode* (query-migrate blocked-reasons).
-
-    Blockers are per mode: the mode is set to read them, then put back.
-    """
+async def migration_info_for_mode(vm: Machine, mode: str) -> dict[str, Any]:
+    """``query-migrate`` as it reads in *mode*: blockers are per mode, so the
+    mode is set to read them, then put back as it was."""
     params = await vm.execute("query-migrate-parameters")
     old_mode = params.get("mode", "normal") if isinstance(params, dict) else "normal"
-    await vm.execute("migrate-set-parameters", {"mode": mode})
+    if old_mode != mode:
+        await vm.execute("migrate-set-parameters", {"mode": mode})
     try:
         info = await vm.execute("query-migrate")
     finally:
@@ -194,6 +194,12 @@ async def check_blockers(vm: Machine, mode: str) -> Check:
             await vm.execute("migrate-set-parameters", {"mode": old_mode})
     if not isinstance(info, dict):
         raise QMPReplyError("query-migrate", f"malformed reply {info!r}")
+    return info
+
+
+async def check_blockers(vm: Machine, mode: str) -> Check:
+    """QEMU's own blockers for *mode* (query-migrate blocked-reasons)."""
+    info = await migration_info_for_mode(vm, mode)
     status = info.get("status")
     if status in ("setup", "active", "device", "wait-unplug", "cancelling", "pre-switchover"):
         return Check("migration-idle", False, f"a migration is already {status}")
@@ -203,9 +209,99 @@ async def check_blockers(vm: Machine, mode: str) -> Check:
     return Check("qemu-blockers", True, f"none for {mode}")
 
 
+#: A trace event added by the sealvm series' patch "vfio/migration: Keep
+#: device state migration inactive in CPR modes": a QEMU that knows it leaves
+#: VFIO device state alone in cpr-transfer and cpr-exec.
+CPR_DEVICE_STATE_FIX_EVENT = "vfio_vmstate_change_cpr"
+
+
+async def _has_cpr_device_state_fix(vm: Machine) -> bool:
+    try:
+        await vm.execute("trace-event-get-state", {"name": CPR_DEVICE_STATE_FIX_EVENT})
+    except QMPReplyError:
+        return False
+    return True
+
+
+def _kernel_migration(vm: Machine, dev_id: str) -> vfio.DeviceMigration | str:
+    """The driver's answer through a duplicate of QEMU's device fd, or why
+    there is none."""
+    dev = next(d for d in vm.spec.vfio if d.id == dev_id)
+    if dev.backend != "iommufd":
+        return "not asked (QEMU opened the device through its VFIO group)"
+    assert vm.pid is not None
+    try:
+        fd = vfio.qemu_device_fd(vm.pid, str(vfio_cdev(dev)))
+    except (HostError, OSError) as exc:
+        return f"not asked ({exc})"
+    try:
+        return vfio.device_migration(fd)
+    except OSError as exc:
+        return f"not asked ({exc})"
+    finally:
+        os.close(fd)
+
+
+async def check_vfio_devices(vm: Machine, mode: str) -> list[Check]:
+    """Per assigned device: does it support VFIO migration, does QEMU
+    migrate its state, and what *mode* does to it.
+
+    Sources: the kernel driver (VFIO_DEVICE_FEATURE_MIGRATION, asked on a
+    duplicate of QEMU's own device fd: only a bound fd can ask), QEMU's
+    ``enable-migration`` property and its normal-mode migration blockers
+    (QEMU gives up device-state migration for a device it cannot migrate, and
+    says so there), and whether this QEMU carries the sealvm fix that keeps
+    device state alone in the CPR modes.  Fails only where the update would
+    hurt the device: a stock QEMU in cpr-transfer with a device whose state
+    it migrates (it would reset the device).
+    """
+    if not vm.spec.vfio:
+        return []
+    info = await migration_info_for_mode(vm, "normal")
+    blockers = [str(r) for r in info.get("blocked-reasons") or []]
+    fixed = await _has_cpr_device_state_fix(vm)
+    checks = []
+    for dev in vm.spec.vfio:
+        name = dev.id if dev.backend == "iommufd" else dev.sysfs_path.name
+        kernel = _kernel_migration(vm, dev.id)
+        try:
+            enable = await vm.execute("qom-get", {"path": f"/machine/peripheral/{dev.id}",
+                                                  "property": "enable-migration"})
+        except QMPReplyError as exc:
+            enable = f"unknown ({exc})"
+        mine = [b for b in blockers if b.startswith(f"{name}:")]
+        migrates = not mine and enable != "off" and not (
+            isinstance(kernel, vfio.DeviceMigration) and not kernel.supported)
+        facts = (f"kernel: {kernel}; QEMU: enable-migration={enable}, "
+                 + ("device state migrates in normal migration" if migrates else
+                    "no device-state migration (" + ("; ".join(mine) or "disabled") + ")"))
+        ok = True
+        if mode == "migrate":
+            effect = ("migrate: device state saved and loaded into the target's device"
+                      if migrates else "migrate: blocked by this device")
+        elif not migrates:
+            effect = (f"{mode}: device fd handed over, the device keeps running; "
+                      "no device state involved")
+        elif fixed:
+            effect = (f"{mode}: device fd handed over, the device keeps running; its state "
+                      "is neither saved nor loaded nor stopped (sealvm QEMU)")
+        elif mode == "cpr-transfer":
+            ok = False
+            effect = ("cpr-transfer: this QEMU would save and load the device state on the "
+                      "device both QEMUs share; old QEMU's STOP_COPY races new QEMU's "
+                      "RESUMING and resets the device. Use sealvm's QEMU, or "
+                      f"enable-migration=off on {dev.id}")
+        else:
+            effect = ("cpr-exec: this QEMU stops the device, saves its state, execs and "
+                      "writes the state back into the same device (stock behaviour)")
+        checks.append(Check(f"vfio-dev-{dev.id}", ok, f"{facts}; {effect}"))
+    return checks
+
+
 async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
-                        require_sealed: bool = True) -> list[Check]:
-    """Run every check; raise if any fails.
+                        require_sealed: bool = True, raise_on_failure: bool = True) -> list[Check]:
+    """Run every check; raise if any fails (unless *raise_on_failure* is
+    False: a dry run that returns every check, failed or not).
 
     With *require_sealed* False (comparisons with a stock QEMU), unsealed
     RAM memfds are reported but do not fail the preflight.
@@ -225,11 +321,12 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
                       Check(seals.name, True, f"(not required) {seals.detail}"))
         checks.append(await check_aux_ram_share(vm))
         checks.extend(await check_inventory(vm))
+    checks.extend(await check_vfio_devices(vm, mode))
     checks.append(await check_binary(vm, qemu))
     if mode == "cpr-exec":
         checks.append(check_room(vm.paths.cpr_state))
     checks.append(await check_blockers(vm, "normal" if mode == "migrate" else mode))
     failed = [str(c) for c in checks if not c.ok]
-    if failed:
+    if failed and raise_on_failure:
         raise PreflightError(failed)
     return checks

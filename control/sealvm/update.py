@@ -88,6 +88,8 @@ class UpdateReport:
     phases: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
     checks: list[str] = field(default_factory=list)
+    #: assigned devices (spec ids) the new QEMU does not have
+    devices_missing: list[str] = field(default_factory=list)
 
     @property
     def ram_inode_unchanged(self) -> bool:
@@ -185,6 +187,7 @@ async def live_update(
                 await _to_new_process(vm, new_qemu, clock, report, timeout,
                                       cpr=mode == "cpr-transfer")
             report.ram_after = _ram_blocks(report.pid_after)
+            report.devices_missing = await _missing_devices(vm)
             if follower is not None and heartbeat_interval is not None:
                 await follower.wait_heartbeats(3, timeout)
                 gap = follower.log.largest_gap(first)
@@ -505,6 +508,17 @@ async def _running(vm: Machine) -> bool:
         return False
 
 
+async def _missing_devices(vm: Machine) -> list[str]:
+    """Assigned devices of the spec that the (new) QEMU does not have."""
+    if not vm.spec.vfio:
+        return []
+    reply = await vm.execute("qom-list", {"path": "/machine/peripheral"})
+    if not isinstance(reply, list):
+        raise QMPReplyError("qom-list", f"malformed reply {reply!r}")
+    present = {p.get("name") for p in reply if isinstance(p, dict)}
+    return [d.id for d in vm.spec.vfio if d.id not in present]
+
+
 def _verify(report: UpdateReport) -> None:
     """Post-update checks; a failure here means the guest may be damaged."""
     problems = []
@@ -521,6 +535,8 @@ def _verify(report: UpdateReport) -> None:
         problems.append("guest heartbeat counter did not continue")
     if report.mismatches:
         problems.append(f"guest saw {report.mismatches} mismatching RAM words")
+    if report.devices_missing:
+        problems.append(f"devices missing after the update: {', '.join(report.devices_missing)}")
     if problems:
         raise UpdateError("verification failed: " + "; ".join(problems), rolled_back=False)
 

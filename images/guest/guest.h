@@ -92,5 +92,6 @@ struct task {
 
 extern const struct task pattern_task;
 extern const struct task edu_task;
+extern const struct task mtty_task;
 
 #endif

@@ -46,6 +46,8 @@ def l1_info() -> dict[str, Any]:
         "iommu": sorted(os.listdir("/sys/class/iommu")) if Path("/sys/class/iommu").exists()
         else [],
         "dev_iommu": Path("/dev/iommu").exists(),
+        "mdevs": sorted(os.listdir("/sys/bus/mdev/devices"))
+        if Path("/sys/bus/mdev/devices").is_dir() else [],
         "pci": devices,
         "memfd_noexec": Path("/proc/sys/vm/memfd_noexec").read_text().strip()
         if Path("/proc/sys/vm/memfd_noexec").exists() else None,

@@ -70,6 +70,13 @@ def test_vfio_iommufd_devices_use_passed_fds() -> None:
     assert fds.all() == [5, 6, 8]
 
 
+def test_vfio_iommufd_mdev_names_its_sysfs_path() -> None:
+    s = spec(vfio=[{"sysfsdev": "/sys/bus/mdev/devices/u", "id": "m0"}])
+    argv = qemu_argv(s, PATHS, FdPlan(qmp_listen=5, iommufd=6, vfio={"m0": 8}))
+    assert opt(argv, "-device") == [
+        "vfio-pci,id=m0,iommufd=iommufd0,fd=8,sysfsdev=/sys/bus/mdev/devices/u"]
+
+
 def test_vfio_iommufd_without_fd_is_a_bug() -> None:
     s = spec(vfio=[{"host": "0000:00:03.0"}])
     with pytest.raises(ValueError):
