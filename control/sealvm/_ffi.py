@@ -26,7 +26,6 @@ _libc = ffi.dlopen(None)
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002
 IN_CLOEXEC = 0o2000000
-IN_NONBLOCK = 0o4000
 
 # <linux/memfd.h>
 MFD_CLOEXEC = 0x0001

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,8 +150,11 @@ class ConsoleFollower:
     """Follow a growing console log, timestamping each complete line.
 
     Use as an async context manager; it starts at the current end of the
-    file.  `wait_for` waits (without polling) until a parsed event satisfies a
-    predicate.
+    file.  A thread of its own blocks on inotify and stamps each line the
+    moment it reaches the file, so a busy event loop (the controller doing
+    its own work right after a resume) cannot delay the stamps and inflate
+    the pause it measures.  `wait_for` waits (without polling) until a
+    parsed event satisfies a predicate.
     """
 
     def __init__(self, path: Path) -> None:
@@ -157,19 +162,27 @@ class ConsoleFollower:
         self.log = ConsoleLog()
         self._fd = -1
         self._ifd = -1
+        self._stop_r = self._stop_w = -1
         self._partial = b""
+        self._lock = threading.Lock()
         self._changed = asyncio.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> ConsoleFollower:
-        self._ifd = _ffi.inotify_init1(_ffi.IN_NONBLOCK | _ffi.IN_CLOEXEC)
+        self._loop = asyncio.get_running_loop()
         try:
+            self._ifd = _ffi.inotify_init1(_ffi.IN_CLOEXEC)
             _ffi.inotify_add_watch(self._ifd, str(self.path), _ffi.IN_MODIFY)
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             os.lseek(self._fd, 0, os.SEEK_END)
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
             self.close()
             raise
-        asyncio.get_running_loop().add_reader(self._ifd, self._on_inotify)
+        self._thread = threading.Thread(target=self._follow, name=f"console:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
         return self
 
     async def __aexit__(
@@ -181,25 +194,31 @@ class ConsoleFollower:
         self.close()
 
     def close(self) -> None:
-        if self._ifd >= 0:
-            try:
-                asyncio.get_running_loop().remove_reader(self._ifd)
-            except RuntimeError:
-                pass
-            os.close(self._ifd)
-            self._ifd = -1
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join()
+            self._thread = None
+        for name in ("_ifd", "_fd", "_stop_r", "_stop_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
-    def _on_inotify(self) -> None:
-        now = time.monotonic()
-        try:
+    def _follow(self) -> None:
+        """Thread: stamp lines as inotify reports the file grew."""
+        assert self._loop is not None
+        while True:
+            ready, _, _ = select.select([self._ifd, self._stop_r], [], [])
+            now = time.monotonic()
+            if self._stop_r in ready:
+                return
             os.read(self._ifd, 65536)
-        except BlockingIOError:
-            pass
-        self._drain(now)
-        self._changed.set()
+            with self._lock:
+                self._drain(now)
+            try:
+                self._loop.call_soon_threadsafe(self._changed.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                return
 
     def _drain(self, now: float) -> None:
         while True:
@@ -219,13 +238,13 @@ class ConsoleFollower:
         async with asyncio.timeout(timeout):
             while True:
                 self._changed.clear()
-                if self._fd >= 0:
-                    self._drain(time.monotonic())
-                if predicate(self.log):
-                    return
-                await self._changed.wait()  # set by the next inotify event
+                with self._lock:
+                    if predicate(self.log):
+                        return
+                await self._changed.wait()  # set by the follower thread
 
     async def wait_heartbeats(self, count: int, timeout: float) -> None:
         """Wait until *count* more heartbeats than now have arrived."""
-        target = len(self.log.heartbeats) + count
+        with self._lock:
+            target = len(self.log.heartbeats) + count
         await self.wait_for(lambda log: len(log.heartbeats) >= target, timeout)

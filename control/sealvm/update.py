@@ -445,8 +445,8 @@ async def _incoming(vm: Machine, qmp: QMPClient, args: dict[str, object], clock:
             while resume_ts is None or status != "completed":
                 ev = await _event_or(listener, died, deadline)
                 if ev is None:
-                    raise UpdateError(f"new QEMU exited while loading:\n{vm.log_tail(5)}",
-                                      rolled_back=False)
+                    raise UpdateError("new QEMU failed to load the device state (it exited):\n"
+                                      f"{vm.log_tail(5)}", rolled_back=False)
                 if ev["event"] == "MIGRATION":
                     status = ev["data"]["status"]
                     if status in ("failed", "cancelled"):
