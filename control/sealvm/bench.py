@@ -237,7 +237,7 @@ def plot(points: list[Point], path: Path) -> bool:
     ax.set_xlabel("guest RAM (GiB, >= 90 % touched)")
     ax.set_ylabel("guest-seen pause, median (ms)")
     ax.set_yscale("log")
-    ax.set_title("Live update pause vs guest RAM (TCG, 4 KiB pages)")
+    ax.set_title("Live update pause vs guest RAM (TCG; -2M: hugetlb, else 4 KiB pages)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
