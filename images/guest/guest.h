@@ -92,6 +92,7 @@ struct task {
 
 extern const struct task pattern_task;
 extern const struct task edu_task;
+extern const struct task mdma_task;
 extern const struct task mtty_task;
 
 #endif

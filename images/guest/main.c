@@ -27,6 +27,7 @@ struct config cfg = { .hb_ms = 10, .pattern = 1 };
 static const struct task *const tasks[] = {
     &pattern_task,
     &edu_task,
+    &mdma_task,
     &mtty_task,
 };
 #define NR_TASKS (sizeof(tasks) / sizeof(tasks[0]))

@@ -26,6 +26,7 @@ import pytest
 from sealvm.nested import L1BootError, edu_addresses, run_in_l1
 
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
+from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +50,8 @@ def scenario_commands(bdf: str) -> list[str]:
         "iommufd=l1_iommufd",
         f"vfio-iommufd=l1_vfio iommufd {bdf} --updates {UPDATES}",
         f"vfio-legacy=l1_vfio legacy {bdf} --updates {UPDATES}",
+        f"mdma-iommufd=l1_mdma iommufd --updates {UPDATES}",
+        f"mdma-legacy=l1_mdma legacy {bdf}",
         f"mtty=l1_mtty --updates {UPDATES}",
     ]
 
@@ -113,5 +116,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             tr.write_line(f"  update {u['update']}: pause QMP {pq * 1000:.0f} ms, "
                           f"pause guest {pg * 1000:.0f} ms, total {u['total']:.2f} s, "
                           f"dma {u['dma_before']} -> {u['dma_after']}")
+    for line in mdma_summary_lines(_outcome.results):
+        tr.write_line(line)
     for line in mtty_summary_lines(_outcome.results):
         tr.write_line(line)

@@ -1,0 +1,588 @@
+"""
+Inside L1: a mediated device that pins guest memory (mdma) through live
+updates of L2 QEMU, and why the legacy type1 path cannot do it.
+
+    python -m nested.l1_mdma iommufd [--updates N]
+    python -m nested.l1_mdma legacy EDU_BDF
+
+mdma (images/host/mdma/mdma.c, built into the L1 kernel) is an mdev whose
+kernel worker writes a DMA heartbeat into guest RAM every period with
+vfio_pin_pages() + vfio_dma_rw(), counting failures (with errno) in
+/sys/bus/mdev/devices/<uuid>/vendor/stats.  The test guest programs it and
+reports, on each heartbeat, the last device record it saw and the largest
+gap between consecutive records (device timestamps: L1's clock, which runs
+while L2 is paused).
+
+iommufd: sealvm passes /dev/iommu and the mdev's vfio cdev; guest RAM is
+mapped by file.  N cpr-exec then N cpr-transfer updates; for each one the
+device's failures (sysfs delta), the largest device gap the guest saw, and
+the guest pause.  Expected: zero failures, gap <= pause + one period.  A
+gap is only held against the update if L1 itself ran on time: a sampler
+process records L1's own scheduling stalls (L0 load), and a gap within
+such a stall plus one period is the host's, not the update's.
+
+legacy: QEMU opens the type1 container itself.  Its mdev CPR blocker must
+refuse both modes (preflight, and QEMU's own `migrate`), the guest running
+on untouched.  Then the kernel rule behind the blocker, by hand on
+/dev/vfio/vfio: VFIO_DMA_UNMAP_FLAG_VADDR is EBUSY with an mdev in the
+container; with only a vfio-pci device (edu) the vaddr can be invalidated,
+and then the mdev group cannot join (EBUSY) until the vaddr is restored:
+pinning devices never see the window.
+
+Writes results/mdma-BACKEND.json (see l1_lib.Checks); every mdev created
+is removed and every QEMU stopped, and both are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sealvm import Machine, PreflightError, QMPReplyError, live_update, spec_from_dict
+from sealvm.console import ConsoleFollower, ConsoleLog
+from sealvm.iommufd import expect_errno
+
+from . import l1_mdma_type1 as t1
+from .l1_lib import Checks, bind_vfio_pci, iommu_group, qemu_pids, trace_args
+from .l1_vfio import QemuLog, ram_maps
+
+RUN_ROOT = Path("/run/sealvm-l2")
+MDEV_TYPE = Path("/sys/class/mdev_bus/mdma/mdev_supported_types/mdma-1")
+MDEV_DEVICES = Path("/sys/bus/mdev/devices")
+MEMORY = 256 << 20
+PATTERN_RANGE = "0x200000-0x4000000"
+#: the guest programs this period (images/guest/mdma.c PERIOD_MS)
+PERIOD_MS = 20
+HB_MS = 20
+STEP_TIMEOUT = 120.0
+#: device records to see after an update before measuring it
+SETTLE_RECORDS = 10
+
+
+# ------------------------------------------------------------------ mdev
+
+
+def create_mdev(checks: Checks) -> str:
+    uid = str(uuid.uuid4())
+    (MDEV_TYPE / "create").write_text(uid)
+    checks.figures["mdev"] = uid
+    return uid
+
+
+def remove_mdev(uid: str) -> None:
+    path = MDEV_DEVICES / uid
+    if path.exists():
+        (path / "remove").write_text("1")
+
+
+def mdev_stats(uid: str) -> dict[str, int]:
+    """/sys/bus/mdev/devices/<uuid>/vendor/stats as numbers."""
+    out: dict[str, int] = {}
+    for line in (MDEV_DEVICES / uid / "vendor" / "stats").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        out[key] = int(value, 0)
+    return out
+
+
+def failures(stats: dict[str, int]) -> int:
+    return stats["pin_err"] + stats["rw_err"]
+
+
+def errnos(stats: dict[str, int]) -> dict[str, int]:
+    """errno name -> count, from the errno_<n> lines."""
+    return {errno.errorcode.get(int(k[6:]), k[6:]): v for k, v in stats.items()
+            if k.startswith("errno_")}
+
+
+def delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    keys = ("ticks", "beats", "pin_ok", "pin_err", "rw_ok", "rw_err", "unmap_calls")
+    return {k: b[k] - a[k] for k in keys}
+
+
+# ------------------------------------------------------- guest heartbeat
+
+
+def mdma_hbs(log: ConsoleLog, start: int = 0) -> list[Any]:
+    return [hb for hb in log.heartbeats[start:] if "mdma" in hb.values]
+
+
+def last_seen(log: ConsoleLog) -> int:
+    hbs = mdma_hbs(log)
+    return hbs[-1].int("mdma") if hbs else -1
+
+
+def guest_view(log: ConsoleLog, start: int = 0) -> dict[str, int]:
+    """What the guest reported from heartbeat index *start* on: last record,
+    largest device gap in that window (us), and its error counters."""
+    hbs = mdma_hbs(log, start)
+    if not hbs:
+        return {"seen": -1, "gap_us": -1, "lost": -1, "bad": -1, "dev_err": -1}
+    last = hbs[-1]
+    return {"seen": last.int("mdma"), "gap_us": max(hb.int("mdma_wgap_us") for hb in hbs),
+            "max_gap_us": last.int("mdma_gap_us"), "lost": last.int("mdma_lost"),
+            "bad": last.int("mdma_bad"), "dev_err": last.int("mdma_dev_err")}
+
+
+async def wait_records(con: ConsoleFollower, above: int, timeout: float) -> None:
+    await con.wait_for(lambda log: last_seen(log) > above, timeout)
+
+
+#: L1's own scheduling, from user space: a process sleeping 5 ms at a time
+#: prints "before after" (CLOCK_MONOTONIC, the clock of the device's
+#: timestamps) whenever it woke more than 25 ms later than it went to sleep.
+SAMPLER = """
+import time
+p = time.monotonic()
+while True:
+    time.sleep(0.005)
+    n = time.monotonic()
+    if n - p > 0.025:
+        print(f"{p:.6f} {n:.6f}", flush=True)
+    p = n
+"""
+
+
+class L1Stalls:
+    """Where L1 itself did not run its timers on time (host contention):
+    a device in L1 cannot write more often than its host schedules it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.path, "wb") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", SAMPLER, stdout=out, stdin=asyncio.subprocess.DEVNULL)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def largest(self, t0: float, t1: float) -> float:
+        """The largest stall (s) overlapping [t0, t1]."""
+        worst = 0.0
+        for line in self.path.read_text().splitlines():
+            a, b = (float(x) for x in line.split())
+            if b >= t0 and a <= t1:
+                worst = max(worst, b - a)
+        return worst
+
+
+def l2_spec(name: str, uid: str, backend: str) -> Any:
+    return spec_from_dict({
+        "name": name,
+        "qemu": os.environ["SEALVM_QEMU"],
+        "memory": {"size": MEMORY, "backend": "memfd"},
+        "guest": {"kernel": os.environ["SEALVM_GUEST"],
+                  "cmdline": f"hb_ms={HB_MS} pattern_range={PATTERN_RANGE}"},
+        "vfio": [{"id": "mdma0", "sysfsdev": str(MDEV_DEVICES / uid), "backend": backend}],
+        "extra_args": trace_args(),
+    })
+
+
+def check_cleanup(checks: Checks, vm: Machine, uid: str) -> None:
+    checks.check("L2 QEMU gone after shutdown", not qemu_pids(), qemu_pids())
+    stats = mdev_stats(uid)
+    checks.check("mdma stopped when QEMU closed the device", stats["running"] == 0, stats)
+    remove_mdev(uid)
+    checks.check("mdev removed", not (MDEV_DEVICES / uid).exists(), uid)
+    leftovers = [str(p) for p in vm.paths.root.glob("*")
+                 if p.is_socket() or p.name in ("state.json", "cpr-state")]
+    checks.check("L2 run directory cleaned", not leftovers, leftovers)
+
+
+# -------------------------------------------------------------- iommufd
+
+
+async def scenario_iommufd(checks: Checks, updates: int) -> None:
+    uid = create_mdev(checks)
+    checks.check("mdma mdev created", (MDEV_DEVICES / uid).is_dir(), uid)
+    vm = Machine(l2_spec("l2-mdma", uid, "iommufd"), run_root=RUN_ROOT)
+    stalls = L1Stalls(Path("/run/sealvm-l1-stalls.txt"))
+    await stalls.start()
+    try:
+        await vm.launch(timeout=STEP_TIMEOUT)
+        qlog = QemuLog(vm.paths.qemu_log)
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_records(con, 2 * SETTLE_RECORDS, STEP_TIMEOUT)
+            maps = ram_maps(qlog.new_events())
+            checks.check("guest RAM mapped by file (iommufd_backend_map_file_dma)",
+                         bool(maps["file"]) and not maps["vaddr"], maps)
+            stats0 = mdev_stats(uid)
+            checks.figures["stats_at_start"] = stats0
+            checks.check("device heartbeat reaches guest RAM before the updates",
+                         stats0["beats"] > 0 and failures(stats0) == 0
+                         and last_seen(con.log) > 0, f"seen {last_seen(con.log)}, {stats0}")
+            rows: list[dict[str, Any]] = []
+            modes = ["cpr-exec"] * updates + ["cpr-transfer"] * updates
+            for i, mode in enumerate(modes, 1):
+                rows.append(await one_update(checks, vm, con, uid, i, mode, stalls))
+            checks.figures["updates"] = rows
+            final = mdev_stats(uid)
+            checks.figures["stats_at_end"] = final
+            view = guest_view(con.log)
+            checks.figures["guest_at_end"] = view
+            checks.check("no mdma failure in the whole run (sysfs)",
+                         failures(final) == 0 and not errnos(final),
+                         f"pin_err={final['pin_err']} rw_err={final['rw_err']} "
+                         f"errnos={errnos(final)}")
+            checks.check("guest saw every device record (none lost, none torn)",
+                         view["lost"] == 0 and view["bad"] == 0 and view["dev_err"] == 0,
+                         view)
+            checks.check("no unmap reached the device while it ran",
+                         final["unmap_calls"] == stats0["unmap_calls"],
+                         f"{stats0['unmap_calls']} -> {final['unmap_calls']}")
+            checks.check("guest RAM pattern intact throughout",
+                         not con.log.mismatches and con.log.reboots == 0,
+                         f"mismatches={con.log.mismatched_words} reboots={con.log.reboots}")
+    finally:
+        await stalls.stop()
+        await vm.shutdown()
+        checks.figures["qemu_log_tail"] = vm.log_tail(30)
+        with contextlib.suppress(OSError):
+            checks.figures["stats_after_shutdown"] = mdev_stats(uid)
+        check_cleanup(checks, vm, uid)
+
+
+async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str, i: int,
+                     mode: str, stalls: L1Stalls) -> dict[str, Any]:
+    start = len(con.log.heartbeats)
+    t0 = time.monotonic()
+    before = mdev_stats(uid)
+    seen0 = last_seen(con.log)
+    report = await live_update(vm, mode=mode, heartbeat_interval=HB_MS / 1000,
+                               timeout=STEP_TIMEOUT)
+    resumed = last_seen(con.log)
+    await wait_records(con, max(resumed, seen0) + SETTLE_RECORDS, STEP_TIMEOUT)
+    after = mdev_stats(uid)
+    view = guest_view(con.log, start)
+    stall_ms = stalls.largest(t0, time.monotonic()) * 1000
+    pause = report.pause_guest if report.pause_guest is not None else -1.0
+    row: dict[str, Any] = {
+        "update": i, "mode": mode, "pid": report.pid_after, "pause_qmp": report.pause_qmp,
+        "pause_guest": report.pause_guest, "total": report.total,
+        "gap_ms": view["gap_us"] / 1000, "seen_before": seen0, "seen_after": view["seen"],
+        "device": delta(before, after), "errnos": errnos(after),
+        "device_max_gap_ms": after["max_gap_ns"] / 1e6, "l1_stall_ms": stall_ms,
+    }
+    bound = pause * 1000 + PERIOD_MS
+    print(f"update {i} {mode}: pause guest {pause * 1000:.0f} ms, qmp "
+          f"{(report.pause_qmp or -1) * 1000:.0f} ms, device gap {row['gap_ms']:.1f} ms, "
+          f"L1 stall {stall_ms:.0f} ms, failures {failures(after) - failures(before)}",
+          flush=True)
+    checks.check(f"update {i} ({mode}): device kept writing",
+                 view["seen"] > seen0 + SETTLE_RECORDS and row["device"]["beats"] > 0,
+                 f"seen {seen0} -> {view['seen']}, {row['device']}")
+    checks.check(f"update {i} ({mode}): zero mdma failures",
+                 failures(after) == failures(before),
+                 f"{row['device']} errnos={row['errnos']}")
+    # A longer gap is the update's fault only if L1 itself ran on time: a
+    # device cannot beat faster than its host schedules it (a loaded L0).
+    checks.check(f"update {i} ({mode}): largest device gap <= guest pause + one period",
+                 gap_within_bound(row), f"gap {row['gap_ms']:.1f} ms, bound {bound:.1f} ms, "
+                 f"L1's own largest stall {stall_ms:.0f} ms")
+    checks.check(f"update {i} ({mode}): guest lost no record",
+                 view["lost"] == 0 and view["bad"] == 0, view)
+    return row
+
+
+def gap_within_bound(row: dict[str, Any]) -> bool:
+    """The update's largest device gap is within its guest pause plus one
+    period -- or, when L0 load stalled L1 itself, within that stall plus
+    one period (the device kept up with its host)."""
+    gap, pause = row["gap_ms"], row["pause_guest"]
+    if gap <= 0 or pause is None:
+        return False
+    return bool(gap <= pause * 1000 + PERIOD_MS or gap <= row["l1_stall_ms"] + PERIOD_MS)
+
+
+# --------------------------------------------------------------- legacy
+
+
+async def scenario_legacy(checks: Checks, edu_bdf: str) -> None:
+    uid = create_mdev(checks)
+    checks.check("mdma mdev created", (MDEV_DEVICES / uid).is_dir(), uid)
+    try:
+        await qemu_refuses(checks, uid)
+        kernel_rule(checks, uid, edu_bdf)
+    finally:
+        remove_mdev(uid)
+    checks.check("mdev removed", not (MDEV_DEVICES / uid).exists(), uid)
+
+
+async def qemu_refuses(checks: Checks, uid: str) -> None:
+    vm = Machine(l2_spec("l2-mdma-legacy", uid, "legacy"), run_root=RUN_ROOT)
+    try:
+        await vm.launch(timeout=STEP_TIMEOUT)
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await wait_records(con, 2 * SETTLE_RECORDS, STEP_TIMEOUT)
+            stats0 = mdev_stats(uid)
+            checks.check("device heartbeat reaches guest RAM (type1, by vaddr)",
+                         stats0["beats"] > 0 and failures(stats0) == 0, stats0)
+            for mode in ("cpr-exec", "cpr-transfer"):
+                try:
+                    await live_update(vm, mode=mode, heartbeat_interval=HB_MS / 1000,
+                                      timeout=STEP_TIMEOUT)
+                except PreflightError as exc:
+                    checks.figures[f"preflight_{mode}"] = exc.reasons
+                    checks.check(f"{mode} refused before the pause: QEMU's mdev CPR blocker",
+                                 any("CPR does not support vfio mdev" in r
+                                     for r in exc.reasons), exc.reasons)
+                else:
+                    checks.check(f"{mode} refused before the pause: QEMU's mdev CPR blocker",
+                                 False, "the update went through")
+            # QEMU itself, without sealvm's preflight: migrate in cpr-exec mode.
+            # The exec command does not exist: were the blocker missing, the
+            # exec would fail and QEMU resume (migration/cpr-exec.c).
+            await vm.execute("migrate-set-parameters", {
+                "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu"]})
+            try:
+                await vm.execute("migrate", {"uri": f"file:{vm.paths.root}/never"})
+            except QMPReplyError as exc:
+                checks.figures["qmp_migrate_error"] = str(exc)
+                checks.check("QEMU refuses migrate in cpr-exec mode (mdev blocker)",
+                             "CPR does not support vfio mdev" in str(exc), exc)
+            else:
+                checks.check("QEMU refuses migrate in cpr-exec mode (mdev blocker)", False,
+                             "migrate was accepted")
+            finally:
+                await vm.execute("migrate-set-parameters", {"mode": "normal"})
+            seen = last_seen(con.log)
+            await wait_records(con, seen + SETTLE_RECORDS, STEP_TIMEOUT)
+            stats1 = mdev_stats(uid)
+            checks.check("guest and device run on after the refusals",
+                         await vm.status() == "running" and failures(stats1) == 0
+                         and stats1["beats"] > stats0["beats"],
+                         f"status {await vm.status()}, {delta(stats0, stats1)}")
+            checks.figures["legacy_l2_stats"] = stats1
+    finally:
+        await vm.shutdown()
+    checks.check("L2 QEMU gone after shutdown", not qemu_pids(), qemu_pids())
+    stats = mdev_stats(uid)
+    # not a check (timing): pins between QEMU's mm teardown and device close
+    checks.figures["legacy_l2_shutdown_errnos"] = errnos(stats)
+    checks.check("mdma stopped when QEMU closed the device", stats["running"] == 0, stats)
+
+
+def errno_of(fn: Any, *args: Any, **kwargs: Any) -> int:
+    try:
+        fn(*args, **kwargs)
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
+def run_mdma(bar: t1.MdmaBar, buf: t1.DmaBuffer, iova: int, seconds: float) -> int:
+    """Let the device write into *buf* for *seconds*; the last seq it wrote."""
+    bar.start(iova=iova, length=4096, period_ms=10)
+    time.sleep(seconds)
+    return buf.u64(8) if buf.u64(0) == t1.MDMA_MAGIC else 0
+
+
+def kernel_rule(checks: Checks, uid: str, edu_bdf: str) -> None:
+    """type1 keeps pinning devices out of the VADDR window, by hand."""
+    bind_vfio_pci(edu_bdf)
+    edu_group = f"/dev/vfio/{iommu_group(edu_bdf)}"
+    mdev_group = f"/dev/vfio/{(MDEV_DEVICES / uid / 'iommu_group').resolve().name}"
+    iova, size = 0x100000, 0x10000
+    stats0 = mdev_stats(uid)
+    evidence: dict[str, Any] = {"edu_group": edu_group, "mdev_group": mdev_group}
+    checks.figures["kernel_rule"] = evidence
+
+    # 1. mdev in the container, pinning: the vaddr cannot be invalidated.
+    buf = t1.DmaBuffer(size)
+    try:
+        with t1.Fds() as fds:
+            c = fds.open("/dev/vfio/vfio")
+            g = fds.open(mdev_group)
+            t1.group_set_container(g, c)
+            t1.set_iommu(c)
+            evidence["update_vaddr_ext_with_mdev"] = t1.check_extension(c, t1.VFIO_UPDATE_VADDR)
+            t1.dma_map(c, vaddr=buf.vaddr, iova=iova, size=size)
+            dev = fds.add(t1.group_get_device_fd(g, uid))
+            bar = t1.MdmaBar.of(dev)
+            seq = run_mdma(bar, buf, iova, 0.5)
+            evidence["mdev_container_seq"] = seq
+            checks.check("type1: mdma pins and writes through a vaddr mapping", seq > 0,
+                         f"seq {seq}")
+            exc = expect_errno(errno.EBUSY, t1.dma_unmap_vaddr, c, iova=iova, size=size)
+            evidence["unmap_vaddr_with_mdev"] = errno.errorcode.get(exc.errno or 0, str(exc))
+            checks.check("type1: VFIO_DMA_UNMAP_FLAG_VADDR with an mdev in the container "
+                         "-> EBUSY", True, exc)
+            checks.check("type1: VFIO_UPDATE_VADDR not offered while an mdev is attached",
+                         evidence["update_vaddr_ext_with_mdev"] == 0,
+                         evidence["update_vaddr_ext_with_mdev"])
+            bar.stop()
+    finally:
+        buf.close()
+
+    # 2. only the vfio-pci device: the window opens, and the mdev is kept out.
+    buf = t1.DmaBuffer(size)
+    buf2 = buf.another_view()       # same pages, new address (as after exec)
+    try:
+        with t1.Fds() as fds:
+            c = fds.open("/dev/vfio/vfio")
+            ge = fds.open(edu_group)
+            t1.group_set_container(ge, c)
+            t1.set_iommu(c)
+            evidence["update_vaddr_ext_pci_only"] = t1.check_extension(c, t1.VFIO_UPDATE_VADDR)
+            t1.dma_map(c, vaddr=buf.vaddr, iova=iova, size=size)
+            t1.dma_unmap_vaddr(c, iova=iova, size=size)
+            checks.check("type1, vfio-pci only: VFIO_DMA_UNMAP_FLAG_VADDR accepted "
+                         "(vaddr invalid: the window)",
+                         evidence["update_vaddr_ext_pci_only"] == 1,
+                         f"VFIO_UPDATE_VADDR={evidence['update_vaddr_ext_pci_only']}")
+            gm = fds.open(mdev_group)
+            err = errno_of(t1.group_set_container, gm, c)
+            evidence["attach_mdev_in_window"] = errno.errorcode.get(err, str(err))
+            checks.check("type1: attaching the mdev group while vaddrs are invalid -> EBUSY",
+                         err == errno.EBUSY, evidence["attach_mdev_in_window"])
+            t1.dma_remap_vaddr(c, vaddr=buf2.vaddr, iova=iova, size=size)
+            t1.group_set_container(gm, c)
+            checks.check("type1: after VFIO_DMA_MAP_FLAG_VADDR the mdev group attaches", True)
+            dev = fds.add(t1.group_get_device_fd(gm, uid))
+            bar = t1.MdmaBar.of(dev)
+            seq = run_mdma(bar, buf2, iova, 0.5)
+            evidence["after_remap_seq"] = seq
+            checks.check("type1: mdma writes to the new vaddr after the remap",
+                         seq > 0 and buf.u64(8) >= seq, f"seq {seq}")
+            err = errno_of(t1.dma_unmap_vaddr, c, iova=iova, size=size)
+            evidence["unmap_vaddr_after_attach"] = errno.errorcode.get(err, str(err))
+            checks.check("type1: and the window cannot be reopened (EBUSY)",
+                         err == errno.EBUSY, evidence["unmap_vaddr_after_attach"])
+            bar.stop()
+            t1.dma_unmap(c, iova=iova, size=size)
+    finally:
+        buf.close()
+        buf2.close()
+    stats1 = mdev_stats(uid)
+    evidence["device"] = delta(stats0, stats1)
+    evidence["errnos"] = errnos(stats1)
+    checks.check("mdma counted no failure in these sequences",
+                 failures(stats1) == failures(stats0), f"{delta(stats0, stats1)}")
+    checks.check("mdma stopped when the device fd closed", stats1["running"] == 0, stats1)
+    mapper_gone(checks, uid, mdev_group, evidence)
+
+
+def mapper_gone(checks: Checks, uid: str, mdev_group: str, evidence: dict[str, Any]) -> None:
+    """3. type1 pins through the mm of the process that mapped: once that mm
+    is gone (exec replaces it; here the mapping child exits), every pin
+    fails, although the memory (a memfd we still hold) is there."""
+    iova, size = 0x100000, 0x10000
+    buf = t1.DmaBuffer(size)
+    try:
+        with t1.Fds() as fds:
+            c = fds.open("/dev/vfio/vfio")
+            g = fds.open(mdev_group)
+            t1.group_set_container(g, c)
+            t1.set_iommu(c)
+            child = buf.another_view()
+            pid = os.fork()
+            if pid == 0:  # the "old QEMU": maps its view, then its mm goes away
+                try:
+                    t1.dma_map(c, vaddr=child.vaddr, iova=iova, size=size)
+                except BaseException:
+                    os._exit(1)
+                os._exit(0)
+            child.close()
+            _, status = os.waitpid(pid, 0)
+            dev = fds.add(t1.group_get_device_fd(g, uid))
+            bar = t1.MdmaBar.of(dev)
+            before = mdev_stats(uid)
+            seq = run_mdma(bar, buf, iova, 0.3)
+            bar.stop()
+            after = mdev_stats(uid)
+            t1.dma_unmap(c, iova=iova, size=size)
+    finally:
+        buf.close()
+    new = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("errno_")}
+    evidence["mapper_gone"] = {"child_status": status, "seq": seq,
+                               "device": delta(before, after),
+                               "errnos": {errno.errorcode.get(int(k[6:]), k): v
+                                          for k, v in new.items() if v}}
+    checks.check("type1: pins fail once the mapping process's mm is gone (ENODEV)",
+                 status == 0 and seq == 0 and after["pin_err"] > before["pin_err"]
+                 and after["pin_ok"] == before["pin_ok"]
+                 and set(evidence["mapper_gone"]["errnos"]) == {"ENODEV"},
+                 evidence["mapper_gone"])
+
+
+# ------------------------------------------------------------------ main
+
+
+def summary_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The measured figures, for the L0 terminal summary."""
+    lines: list[str] = []
+    res = results.get("mdma-iommufd")
+    if res:
+        lines.append("mdma over iommufd (device heartbeat every 20 ms, L1 kernel worker):")
+        for u in res["figures"].get("updates", []):
+            pg = u["pause_guest"] if u["pause_guest"] is not None else -1
+            pq = u["pause_qmp"] if u["pause_qmp"] is not None else -1
+            lines.append(f"  update {u['update']} {u['mode']}: pause guest {pg * 1000:.0f} ms, "
+                         f"QMP {pq * 1000:.0f} ms; largest device gap {u['gap_ms']:.1f} ms "
+                         f"(L1's own largest stall {u.get('l1_stall_ms', -1):.0f} ms); "
+                         f"failures pin {u['device']['pin_err']} rw {u['device']['rw_err']}")
+        end = res["figures"].get("stats_at_end")
+        if end:
+            lines.append(f"  whole run: beats {end['beats']}, pin_ok {end['pin_ok']}, "
+                         f"rw_ok {end['rw_ok']}, failures {failures(end)}, "
+                         f"device max gap {end['max_gap_ns'] / 1e6:.1f} ms")
+    res = results.get("mdma-legacy")
+    if res:
+        ev = res["figures"].get("kernel_rule", {})
+        lines.append("mdma over legacy type1: " + "; ".join(
+            f"{k}={v}" for k, v in ev.items() if k in (
+                "unmap_vaddr_with_mdev", "attach_mdev_in_window", "unmap_vaddr_after_attach")))
+        gone = ev.get("mapper_gone")
+        if gone:
+            lines.append(f"  type1 pins after the mapping process's mm is gone: "
+                         f"{gone['device']['pin_err']} failed, errnos {gone['errnos']}")
+        for mode in ("cpr-exec", "cpr-transfer"):
+            for r in res["figures"].get(f"preflight_{mode}", []):
+                if "mdev" in r:
+                    lines.append(f"  {mode} refused: {r}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("backend", choices=("iommufd", "legacy"))
+    ap.add_argument("edu_bdf", nargs="?", help="a vfio-pci device (legacy)")
+    ap.add_argument("--updates", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=800.0)
+    args = ap.parse_args()
+    checks = Checks(f"mdma-{args.backend}")
+    checks.figures.update(backend=args.backend, period_ms=PERIOD_MS, hb_ms=HB_MS)
+
+    async def run() -> None:
+        async with asyncio.timeout(args.timeout):
+            if not MDEV_TYPE.is_dir():
+                raise RuntimeError(f"no {MDEV_TYPE}: kernel without CONFIG_SAMPLE_VFIO_MDEV_MDMA")
+            if args.backend == "iommufd":
+                await scenario_iommufd(checks, args.updates)
+            else:
+                if not args.edu_bdf:
+                    raise SystemExit("legacy needs EDU_BDF")
+                await scenario_legacy(checks, args.edu_bdf)
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # recorded for the L0 test, which fails on it
+        checks.failed(exc)
+    checks.save()
+    return 0 if checks.error is None and all(c.ok for c in checks.checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
