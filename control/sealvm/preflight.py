@@ -70,13 +70,27 @@ async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
+#: probe_binary results by (path, inode, size, mtime): a binary that did not
+#: change need not be run again (it costs two QEMU start-ups per update).
+_probed: dict[tuple[str, int, int, int], BinaryInfo] = {}
+
+
 async def probe_binary(path: Path, *, timeout: float = 20.0) -> BinaryInfo:
-    """Run a QEMU binary to learn its version and machine types.
+    """Run a QEMU binary to learn its version and machine types (cached
+    while the file is unchanged).
 
     :raise OSError: when it cannot be executed.
     :raise ValueError: when its output is not QEMU's.
     :raise TimeoutError: when it does not answer in *timeout*.
     """
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _probed:
+        _probed[key] = await _probe_binary(path, timeout=timeout)
+    return _probed[key]
+
+
+async def _probe_binary(path: Path, *, timeout: float) -> BinaryInfo:
     rc, out = await _run([str(path), "--version"], timeout)
     m = re.search(r"QEMU emulator version (\S+)", out)
     if rc != 0 or not m:
