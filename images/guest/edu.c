@@ -54,18 +54,6 @@ static enum state state = ABSENT;
 static volatile u8 *bar0;
 static u64 round_no, done_ok, done_err, started_ms, last_poll_ms;
 
-static u32 pci_read(u32 bdf, u32 off)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    return inl(0xcfc);
-}
-
-static void pci_write(u32 bdf, u32 off, u32 v)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    outl(0xcfc, v);
-}
-
 static u64 rd64(u32 off)
 {
     return *(volatile u64 *)(bar0 + off);
@@ -79,30 +67,6 @@ static void wr64(u32 off, u64 v)
 static u32 rd32(u32 off)
 {
     return *(volatile u32 *)(bar0 + off);
-}
-
-static int find_edu(u32 *out)
-{
-    for (u32 bus = 0; bus < 256; bus++) {
-        for (u32 dev = 0; dev < 32; dev++) {
-            u32 bdf = (bus << 8) | (dev << 3);
-            u32 id = pci_read(bdf, 0);
-            u32 fns;
-
-            if ((id & 0xffff) == 0xffff) {
-                continue;
-            }
-            fns = (pci_read(bdf, 0x0c) >> 16) & 0x80 ? 8 : 1;
-            for (u32 fn = 0; fn < fns; fn++) {
-                id = pci_read(bdf | fn, 0);
-                if (id == (EDU_DEVICE << 16 | EDU_VENDOR)) {
-                    *out = bdf | fn;
-                    return 1;
-                }
-            }
-        }
-    }
-    return 0;
 }
 
 static u64 fill(u64 i)
@@ -132,7 +96,7 @@ static void edu_init(void)
     u32 bdf, lo, id;
     u64 base;
 
-    if (!find_edu(&bdf)) {
+    if (!pci_find(EDU_VENDOR, EDU_DEVICE, &bdf)) {
         return;                 /* no device: stay silent */
     }
     lo = pci_read(bdf, 0x10);

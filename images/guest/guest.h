@@ -57,6 +57,11 @@ unsigned long strlen(const char *s);
 int strncmp(const char *a, const char *b, unsigned long n);
 u64 parse_u64(const char *s, const char **end);
 
+/* pci.c: configuration space, for the device tasks */
+u32 pci_read(u32 bdf, u32 off);
+void pci_write(u32 bdf, u32 off, u32 v);
+int pci_find(u16 vendor, u16 device, u32 *bdf);  /* 1 if found */
+
 /* timer.c: IDT, PIC, PIT at 1 kHz */
 void timer_init(void);
 u64 now_ms(void);               /* guest virtual milliseconds since boot */

@@ -62,18 +62,6 @@ static int present;
 static u64 last_seq, last_ts, poll_ms;
 static u64 gap_ns, wgap_ns, lost, bad;
 
-static u32 pci_read(u32 bdf, u32 off)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    return inl(0xcfc);
-}
-
-static void pci_write(u32 bdf, u32 off, u32 v)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    outl(0xcfc, v);
-}
-
 static u32 rd32(u32 off)
 {
     return *(volatile u32 *)(bar0 + off);
@@ -89,27 +77,12 @@ static u64 ld64(u32 off)
     return *(volatile u64 *)(buf + off);
 }
 
-static int find_mdma(u32 *out)
-{
-    for (u32 bus = 0; bus < 256; bus++) {
-        for (u32 dev = 0; dev < 32; dev++) {
-            u32 bdf = (bus << 8) | (dev << 3);
-
-            if (pci_read(bdf, 0) == (MDMA_DEVICE << 16 | MDMA_VENDOR)) {
-                *out = bdf;
-                return 1;
-            }
-        }
-    }
-    return 0;
-}
-
 static void mdma_init(void)
 {
     u32 bdf, id;
     u64 base, iova = (u64)(uptr)buf;
 
-    if (!find_mdma(&bdf)) {
+    if (!pci_find(MDMA_VENDOR, MDMA_DEVICE, &bdf)) {
         return;
     }
     base = pci_read(bdf, 0x10) & ~0xfULL;

@@ -64,42 +64,6 @@ static enum state state = ABSENT;
 static u16 io;
 static u64 round_no, done_ok, done_err, last_ms;
 
-static u32 pci_read(u32 bdf, u32 off)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    return inl(0xcfc);
-}
-
-static void pci_write(u32 bdf, u32 off, u32 v)
-{
-    outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
-    outl(0xcfc, v);
-}
-
-static int find_mtty(u32 *out)
-{
-    for (u32 bus = 0; bus < 256; bus++) {
-        for (u32 dev = 0; dev < 32; dev++) {
-            u32 bdf = (bus << 8) | (dev << 3);
-            u32 id = pci_read(bdf, 0);
-            u32 fns;
-
-            if ((id & 0xffff) == 0xffff) {
-                continue;
-            }
-            fns = (pci_read(bdf, 0x0c) >> 16) & 0x80 ? 8 : 1;
-            for (u32 fn = 0; fn < fns; fn++) {
-                id = pci_read(bdf | fn, 0);
-                if (id == (MTTY_DEVICE << 16 | MTTY_VENDOR)) {
-                    *out = bdf | fn;
-                    return 1;
-                }
-            }
-        }
-    }
-    return 0;
-}
-
 static u8 byte_of(u64 round, u32 i)
 {
     return (u8)((round * 0x9E3779B1u) >> 11 ^ (i * 0x3B) ^ 0xA5);
@@ -143,7 +107,7 @@ static void mtty_init(void)
 {
     u32 bdf, bar;
 
-    if (!find_mtty(&bdf)) {
+    if (!pci_find(MTTY_VENDOR, MTTY_DEVICE, &bdf)) {
         return;                 /* no device: stay silent */
     }
     bar = pci_read(bdf, 0x10);
