@@ -14,24 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import qemus_mentioning
 from sealvm import Machine, spec_from_dict
 from sealvm.spec import VmSpec
-
-
-def _children_qemus(root: Path) -> list[int]:
-    """QEMU processes whose command line mentions *root* (ours)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and str(root).encode() in cmd:
-            found.append(int(entry))
-    return found
 
 
 @pytest.fixture
@@ -40,7 +25,7 @@ def run_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "run"
     root.mkdir()
     yield root
-    leaked = _children_qemus(root)
+    leaked = qemus_mentioning(str(root))
     for pid in leaked:  # report it, but do not leave it burning CPU
         os.kill(pid, signal.SIGKILL)
     sockets = [p for p in root.rglob("*") if p.is_socket()]

@@ -10,6 +10,22 @@ from sealvm import Machine, procfs
 from sealvm.console import ConsoleFollower, ConsoleLog
 
 
+def qemus_mentioning(text: str) -> list[int]:
+    """Pids of QEMU processes whose command line contains *text*."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and text.encode() in cmd:
+            found.append(int(entry))
+    return found
+
+
 def backend_memfd(vm: Machine) -> procfs.Memfd:
     """The guest-RAM memfd QEMU holds (memory-backend-memfd)."""
     assert vm.pid is not None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import qemus_mentioning
 from sealvm.nested import L1Result
 
 UPDATES = 5
@@ -31,15 +31,5 @@ class L1Outcome:
 
 
 def l0_qemus_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and text.encode() in cmd:
-            found.append(int(entry))
-    return found
+    """QEMU processes on this machine (L0) whose command line has *text*."""
+    return qemus_mentioning(text)
