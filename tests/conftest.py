@@ -39,7 +39,7 @@ def run_root(tmp_path: Path) -> Iterator[Path]:
 def qemu_binary() -> Path:
     path = os.environ.get("SEALVM_QEMU")
     if not path or not os.access(path, os.X_OK):
-        pytest.skip("no built QEMU: run `make test` (sets SEALVM_QEMU) or `make qemu`")
+        pytest.skip(reason="no built QEMU: run `make test` (sets SEALVM_QEMU) or `make qemu`")
     return Path(path)
 
 
@@ -47,7 +47,7 @@ def qemu_binary() -> Path:
 def guest_image() -> Path:
     path = os.environ.get("SEALVM_GUEST")
     if not path or not os.path.isfile(path):
-        pytest.skip("no test guest: run `make test` (sets SEALVM_GUEST) or `make guest`")
+        pytest.skip(reason="no test guest: run `make test` (sets SEALVM_GUEST) or `make guest`")
     return Path(path)
 
 
@@ -88,6 +88,6 @@ def upstream_qemu() -> Path:
     """Pristine QEMU 10.2.2 (no sealvm series), for what upstream does."""
     path = os.environ.get("SEALVM_QEMU_UPSTREAM")
     if not path or not os.access(path, os.X_OK):
-        pytest.skip("no upstream QEMU: run `make test` (sets SEALVM_QEMU_UPSTREAM) "
+        pytest.skip(reason="no upstream QEMU: run `make test` (sets SEALVM_QEMU_UPSTREAM) "
                     "or `make qemu-upstream`")
     return Path(path)

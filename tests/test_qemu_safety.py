@@ -85,9 +85,9 @@ def noexec_qemu(qemu_binary: Path, tmp_path: Path) -> Path:
     is 2 (the sysctl is per pid namespace)."""
     unshare = shutil.which("unshare")
     if os.geteuid() != 0 or unshare is None:
-        pytest.skip("needs root and util-linux unshare to make a pid namespace")
+        pytest.skip(reason="needs root and util-linux unshare to make a pid namespace")
     if not Path("/proc/sys/vm/memfd_noexec").exists():
-        pytest.skip("kernel has no vm.memfd_noexec (before Linux 6.3)")
+        pytest.skip(reason="kernel has no vm.memfd_noexec (before Linux 6.3)")
     wrapper = tmp_path / "qemu-in-noexec-pidns"
     wrapper.write_text(
         "#!/bin/sh\n"

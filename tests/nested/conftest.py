@@ -40,7 +40,7 @@ _outcome: L1Outcome | None = None
 def host_kernel() -> Path:
     path = os.environ.get("SEALVM_HOST_KERNEL")
     if not path or not os.path.isfile(path):
-        pytest.skip("no L1 kernel: run `make test` (sets SEALVM_HOST_KERNEL) or "
+        pytest.skip(reason="no L1 kernel: run `make test` (sets SEALVM_HOST_KERNEL) or "
                     "`make host-kernel`")
     return Path(path)
 
@@ -75,7 +75,7 @@ def l1(host_kernel: Path, qemu_binary: Path, guest_image: Path,
             command, kernel=host_kernel, qemu=qemu_binary, edu=1, timeout=L1_TIMEOUT,
             env=env, share=share, console_log=share.parent / "l1-console.log"))
     except L1BootError as exc:
-        pytest.skip(f"L1 cannot be booted: {exc}")
+        pytest.skip(reason=f"L1 cannot be booted: {exc}")
     results = {}
     logs = {}
     for name, data in result.files.items():

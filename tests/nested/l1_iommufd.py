@@ -169,17 +169,16 @@ def stage2(checks: Checks, state: dict[str, Any]) -> None:
 
 def main() -> int:
     checks = Checks("iommufd")
-    try:
+
+    def body() -> None:
         if len(sys.argv) == 3 and sys.argv[1] == "--after-exec":
             state = json.loads(sys.argv[2])
             checks.checks = [Check(**c) for c in state["checks"]]
             stage2(checks, state)
         else:
             stage1(checks)  # execs on success
-    except Exception as exc:  # recorded for the L0 test, which fails on it
-        checks.failed(exc)
-    checks.save()
-    return 0 if checks.error is None and all(c.ok for c in checks.checks) else 1
+
+    return checks.finish(body)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ class Checks:
 
     def save(self) -> Path:
         return write_result(self.scenario, asdict(self))
+
+    def finish(self, body: Callable[[], object]) -> int:
+        """Run *body*, record an exception as the scenario's error (the L0
+        test fails on it), save the result, return the exit status."""
+        try:
+            body()
+        except Exception as exc:
+            self.failed(exc)
+        self.save()
+        return 0 if self.error is None and all(c.ok for c in self.checks) else 1
 
 
 # -------------------------------------------------------------- PCI / VFIO

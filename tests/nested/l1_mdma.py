@@ -576,12 +576,7 @@ def main() -> int:
                     raise SystemExit("legacy needs EDU_BDF")
                 await scenario_legacy(checks, args.edu_bdf)
 
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # recorded for the L0 test, which fails on it
-        checks.failed(exc)
-    checks.save()
-    return 0 if checks.error is None and all(c.ok for c in checks.checks) else 1
+    return checks.finish(lambda: asyncio.run(run()))
 
 
 if __name__ == "__main__":

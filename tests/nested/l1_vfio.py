@@ -303,12 +303,7 @@ def main() -> int:
             await scenario(checks, args.backend, args.bdf, args.updates, args.mode,
                            args.hb_ms, args.stock_qemu)
 
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # recorded for the L0 test, which fails on it
-        checks.failed(exc)
-    checks.save()
-    return 0 if checks.error is None and all(c.ok for c in checks.checks) else 1
+    return checks.finish(lambda: asyncio.run(run()))
 
 
 if __name__ == "__main__":

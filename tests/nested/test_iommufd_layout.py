@@ -47,9 +47,9 @@ def layout_table() -> list[tuple[str, str, int]]:
 def test_layouts_match_the_uapi_headers(host_kernel: Path, tmp_path: Path) -> None:
     include = host_kernel.parent / "include"
     if not (include / "iommufd_test.h").is_file():
-        pytest.skip(f"no installed uapi headers next to {host_kernel} (make host-kernel)")
+        pytest.skip(reason=f"no installed uapi headers next to {host_kernel} (make host-kernel)")
     if shutil.which("gcc") is None:
-        pytest.skip("no C compiler to compute the header layouts")
+        pytest.skip(reason="no C compiler to compute the header layouts")
     rows = layout_table()
     src = tmp_path / "layout.c"
     body = "\n".join(f'    printf("%zu\\n", (size_t)({expr}));' for expr, _, _ in rows)
