@@ -10,6 +10,7 @@ the first failure, so one L1 boot tells the whole story.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -123,23 +124,43 @@ MAP_TRACES = (
 )
 
 
-def trace_args() -> list[str]:
+def trace_args(names: tuple[str, ...] = MAP_TRACES) -> list[str]:
+    """QEMU arguments enabling the trace events *names*."""
     args: list[str] = []
-    for event in MAP_TRACES:
+    for event in names:
         args += ["-trace", f"enable={event}"]
     return args
 
 
-_TRACE = re.compile(r"\b(" + "|".join(MAP_TRACES) + r")\b(.*)$")
+@functools.lru_cache
+def _trace_re(names: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"\b(" + "|".join(names) + r")\b(.*)$")
 
 
-def trace_events(text: str) -> list[tuple[str, str]]:
-    """(event, rest of line) for each mapping trace line in a QEMU log."""
+def trace_events(text: str, names: tuple[str, ...] = MAP_TRACES) -> list[tuple[str, str]]:
+    """(event, rest of line) for each trace line of *names* in a QEMU log."""
     out = []
     for line in text.splitlines():
-        if m := _TRACE.search(line):
+        if m := _trace_re(names).search(line):
             out.append((m.group(1), m.group(2).strip()))
     return out
+
+
+class QemuLog:
+    """L2 QEMU's log (stdout/stderr, traces; both QEMUs of a cpr-transfer
+    append to it), read incrementally for the trace events *names*."""
+
+    def __init__(self, path: Path, names: tuple[str, ...] = MAP_TRACES) -> None:
+        self.path = path
+        self.names = names
+        self.offset = 0
+
+    def new_events(self) -> list[tuple[str, str]]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        return trace_events(data.decode(errors="replace"), self.names)
 
 
 def count_events(events: list[tuple[str, str]]) -> dict[str, int]:

@@ -51,8 +51,8 @@ from sealvm.console import ConsoleFollower, ConsoleLog
 from sealvm.iommufd import expect_errno
 
 from . import l1_mdma_type1 as t1
-from .l1_lib import Checks, bind_vfio_pci, iommu_group, qemu_pids, trace_args
-from .l1_vfio import QemuLog, ram_maps
+from .l1_lib import Checks, QemuLog, bind_vfio_pci, iommu_group, qemu_pids, trace_args
+from .l1_vfio import ram_maps
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MDEV_TYPE = Path("/sys/class/mdev_bus/mdma/mdev_supported_types/mdma-1")

@@ -63,7 +63,7 @@ from sealvm.vfio import (
     region_info,
 )
 
-from .l1_lib import Checks, qemu_pids
+from .l1_lib import Checks, QemuLog, qemu_pids, trace_args
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MEMORY = 256 << 20
@@ -99,7 +99,6 @@ VFIO_TRACES = (
 STATE_TRACES = ("vfio_migration_set_state", "vfio_migration_set_device_state",
                 "vfio_save_setup", "vfio_save_complete_precopy", "vfio_load_state",
                 "vfio_load_device_config_state_start")
-_TRACE = re.compile(r"\b(" + "|".join(VFIO_TRACES) + r")\b(.*)$")
 
 TRACEFS = Path("/sys/kernel/tracing")
 KPROBE_GROUP = "sealvm_mtty"
@@ -126,31 +125,6 @@ async def wait_mtty(con: ConsoleFollower, above: int, timeout: float) -> float:
 
 # ------------------------------------------------------------ QEMU's traces
 
-
-class VfioTraceLog:
-    """L2 QEMU's log (both QEMUs of a cpr-transfer append to it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def new_events(self) -> list[tuple[str, str]]:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        out = []
-        for line in data.decode(errors="replace").splitlines():
-            if m := _TRACE.search(line):
-                out.append((m.group(1), m.group(2).strip()))
-        return out
-
-
-def trace_args() -> list[str]:
-    args: list[str] = []
-    for event in VFIO_TRACES:
-        args += ["-trace", f"enable={event}"]
-    return args
 
 
 def counts(events: list[tuple[str, str]]) -> dict[str, int]:
@@ -343,7 +317,7 @@ async def preflight_views(vm: Machine) -> dict[str, str]:
     return views
 
 
-async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, qlog: VfioTraceLog,
+async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, qlog: QemuLog,
                      kw: KernelWatch, *, i: int, mode: str, mdev: Path,
                      hb: float) -> dict[str, Any]:
     before, _ = last_mtty(con.log)
@@ -396,7 +370,7 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, qlog: Vf
 
 
 async def paused_cpr_exec(checks: Checks, vm: Machine, con: ConsoleFollower,
-                          qlog: VfioTraceLog, kw: KernelWatch, *, mdev: Path) -> dict[str, Any]:
+                          qlog: QemuLog, kw: KernelWatch, *, mdev: Path) -> dict[str, Any]:
     """stop, cpr-exec, cont: new QEMU must start from the state the device
     is really in (STOP, set by old QEMU's stop), so that cont runs it again.
     live_update wants a running guest; this drives QMP directly."""
@@ -478,13 +452,13 @@ async def scenario(checks: Checks, updates: int, hb_ms: int) -> None:
             "guest": {"kernel": os.environ["SEALVM_GUEST"],
                       "cmdline": f"hb_ms={hb_ms} pattern_range={PATTERN_RANGE}"},
             "vfio": [{"id": DEV_ID, "sysfsdev": str(src), "backend": "iommufd"}],
-            "extra_args": trace_args(),
+            "extra_args": trace_args(VFIO_TRACES),
         })
         vm = Machine(spec, run_root=RUN_ROOT)
         t0 = time.monotonic()
         await vm.launch(timeout=STEP_TIMEOUT)
         checks.figures["l2_start_qmp"] = time.monotonic() - t0
-        qlog = VfioTraceLog(vm.paths.qemu_log)
+        qlog = QemuLog(vm.paths.qemu_log, VFIO_TRACES)
         async with ConsoleFollower(vm.paths.serial) as con:
             await wait_mtty(con, WARMUP, STEP_TIMEOUT)
             checks.figures["l2_start_warm"] = time.monotonic() - t0

@@ -36,12 +36,12 @@ from sealvm.console import ConsoleFollower, ConsoleLog
 
 from .l1_lib import (
     Checks,
+    QemuLog,
     bind_vfio_pci,
     count_events,
     iommu_group,
     qemu_pids,
     trace_args,
-    trace_events,
     vfio_cdevs,
 )
 
@@ -142,21 +142,6 @@ def qmp_view_ok(view: dict[str, Any], backend: str) -> bool:
     if backend == "iommufd":
         return bool(c["ram0_modes"] == ["file"] and c["ram0_inodes"] == [view["ram0_inode"]])
     return bool(c["ram0_modes"] == ["vaddr"])
-
-
-class QemuLog:
-    """L2 QEMU's log (stdout/stderr, traces), read incrementally."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def new_events(self) -> list[tuple[str, str]]:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        return trace_events(data.decode(errors="replace"))
 
 
 async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: str,
