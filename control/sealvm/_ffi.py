@@ -74,3 +74,16 @@ def ioctl_int(fd: int, request: int, arg: int) -> int:
     if ret < 0:
         raise OSError(err, os.strerror(err))
     return int(ret)
+
+
+def check_layouts(lib_ffi: FFI, sizes: dict[str, int], module: str) -> None:
+    """Struct sizes cffi computed must equal the uapi headers' (copied as
+    *sizes*): a wrong cdef would silently corrupt every ioctl.
+
+    :raise ImportError: naming each struct that differs.
+    """
+    wrong = {name: (lib_ffi.sizeof(name), size) for name, size in sizes.items()
+             if lib_ffi.sizeof(name) != size}
+    if wrong:
+        raise ImportError(f"{module}: struct sizes differ from the uapi headers "
+                          f"(cffi, header): {wrong}")

@@ -19,13 +19,8 @@ from pathlib import Path
 from . import _ffi, procfs
 from .errors import HostError
 from .spec import VfioSpec
+from .vfio import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_TYPE1v2_IOMMU
 
-# <linux/vfio.h>: VFIO_CHECK_EXTENSION = _IO(VFIO_TYPE, VFIO_BASE + 1)
-VFIO_TYPE = ord(";")
-VFIO_BASE = 100
-VFIO_GET_API_VERSION = (VFIO_TYPE << 8) | VFIO_BASE
-VFIO_CHECK_EXTENSION = (VFIO_TYPE << 8) | (VFIO_BASE + 1)
-VFIO_TYPE1v2_IOMMU = 3
 VFIO_UPDATE_VADDR = 10
 
 

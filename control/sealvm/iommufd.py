@@ -27,6 +27,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from cffi import FFI
 
+from ._ffi import check_layouts
+
 ffi = FFI()
 ffi.cdef(
     """
@@ -224,15 +226,7 @@ HEADER_SIZES: dict[str, int] = {
 }
 
 
-def _check_layouts() -> None:
-    wrong = {name: (ffi.sizeof(name), size) for name, size in HEADER_SIZES.items()
-             if ffi.sizeof(name) != size}
-    if wrong:
-        raise ImportError(f"sealvm.iommufd: struct sizes differ from the uapi headers "
-                          f"(cffi, header): {wrong}")
-
-
-_check_layouts()
+check_layouts(ffi, HEADER_SIZES, __name__)
 
 # ioctl numbers: _IO(IOMMUFD_TYPE, nr), IOMMUFD_TYPE = ';'
 IOMMUFD_TYPE = ord(";")

@@ -24,6 +24,8 @@ from typing import Any
 
 from cffi import FFI
 
+from ._ffi import check_layouts
+
 ffi = FFI()
 ffi.cdef(
     """
@@ -63,27 +65,25 @@ HEADER_SIZES: dict[str, int] = {
 }
 
 
-def _check_layouts() -> None:
-    wrong = {name: (ffi.sizeof(name), size) for name, size in HEADER_SIZES.items()
-             if ffi.sizeof(name) != size}
-    if wrong:
-        raise ImportError(f"sealvm.vfio: struct sizes differ from the uapi headers "
-                          f"(cffi, header): {wrong}")
-
-
-_check_layouts()
+check_layouts(ffi, HEADER_SIZES, __name__)
 
 VFIO_TYPE = ord(";")
 VFIO_BASE = 100
 
 
-def _io(nr: int) -> int:
+def vfio_io(nr: int) -> int:
+    """<linux/vfio.h>: _IO(VFIO_TYPE, VFIO_BASE + nr)."""
     return (VFIO_TYPE << 8) | (VFIO_BASE + nr)
 
 
-VFIO_DEVICE_GET_REGION_INFO = _io(8)
-VFIO_DEVICE_RESET = _io(11)
-VFIO_DEVICE_FEATURE = _io(17)
+VFIO_GET_API_VERSION = vfio_io(0)
+VFIO_CHECK_EXTENSION = vfio_io(1)
+VFIO_TYPE1v2_IOMMU = 3
+
+
+VFIO_DEVICE_GET_REGION_INFO = vfio_io(8)
+VFIO_DEVICE_RESET = vfio_io(11)
+VFIO_DEVICE_FEATURE = vfio_io(17)
 
 VFIO_DEVICE_FEATURE_GET = 1 << 16
 VFIO_DEVICE_FEATURE_SET = 1 << 17

@@ -18,27 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-VFIO_TYPE = ord(";")
-VFIO_BASE = 100
-
-
-def _io(nr: int) -> int:
-    return (VFIO_TYPE << 8) | (VFIO_BASE + nr)
-
+from sealvm.vfio import VFIO_TYPE1v2_IOMMU, vfio_io
 
 VFIO_API_VERSION = 0
-VFIO_GET_API_VERSION = _io(0)
-VFIO_CHECK_EXTENSION = _io(1)
-VFIO_SET_IOMMU = _io(2)
-VFIO_GROUP_GET_STATUS = _io(3)
-VFIO_GROUP_SET_CONTAINER = _io(4)
-VFIO_GROUP_UNSET_CONTAINER = _io(5)
-VFIO_GROUP_GET_DEVICE_FD = _io(6)
-VFIO_DEVICE_GET_REGION_INFO = _io(8)
-VFIO_IOMMU_MAP_DMA = _io(13)
-VFIO_IOMMU_UNMAP_DMA = _io(14)
+VFIO_GET_API_VERSION = vfio_io(0)
+VFIO_CHECK_EXTENSION = vfio_io(1)
+VFIO_SET_IOMMU = vfio_io(2)
+VFIO_GROUP_GET_STATUS = vfio_io(3)
+VFIO_GROUP_SET_CONTAINER = vfio_io(4)
+VFIO_GROUP_UNSET_CONTAINER = vfio_io(5)
+VFIO_GROUP_GET_DEVICE_FD = vfio_io(6)
+VFIO_DEVICE_GET_REGION_INFO = vfio_io(8)
+VFIO_IOMMU_MAP_DMA = vfio_io(13)
+VFIO_IOMMU_UNMAP_DMA = vfio_io(14)
 
-VFIO_TYPE1v2_IOMMU = 3
 VFIO_UNMAP_ALL = 9
 VFIO_UPDATE_VADDR = 10
 
