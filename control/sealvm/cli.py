@@ -10,14 +10,19 @@ sealvm: the command line for VM operators and scripts.
                                  live-update the VM's QEMU (default: same binary,
                                  cpr-exec; migrate = classic, RAM copied);
                                  progress on stderr; --dry-run prints every
-                                 preflight check (RAM, seals, devices, binary...)
+                                 preflight check (RAM, seals, devices, binary...);
+                                 a paused guest stays paused
+    recover VM                   finish or roll back an update whose controller
+                                 died (every verb below does this first)
     pause VM / resume VM         stop / continue the guest's vCPUs
     down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
     qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
     host-check                   what this host can do (memfd seals, noexec,
                                  iommufd, type1 VADDR)
 
-Every verb takes --json: one JSON object on stdout (errors too).
+Every verb takes --json: one JSON object on stdout (errors too).  Verbs that
+change a VM (up, update, recover, pause, resume, down, qmp) hold its lock;
+a second one fails at once (exit 7, naming the holder) unless --wait.
 
 Exit codes:
     0   success
@@ -31,15 +36,18 @@ Exit codes:
     8   QEMU rejected the command or answered nonsense (QMPReplyError)
     9   QEMU failed to launch (LaunchError)
     10  the host lacks what was asked (HostError)
+    11  live update completed (the new QEMU runs the guest), a later step failed
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,10 +64,15 @@ from .errors import (
     UpdateError,
 )
 from .host import host_check
+from .lock import VmLock
 from .machine import Machine, default_run_root, list_vms
+from .plan import RunPaths
 from .preflight import run_preflight
 from .spec import load_spec
-from .update import live_update
+from .update import RecoverReport, live_update, plan_recovery, recover
+
+#: exit code of each `recover` outcome
+RECOVER_EXIT = {"none": 0, "completed": 0, "rolled-back": 5, "lost": 6}
 
 
 def exit_code(exc: SealvmError) -> int:
@@ -68,7 +81,7 @@ def exit_code(exc: SealvmError) -> int:
     if isinstance(exc, PreflightError):
         return 4
     if isinstance(exc, UpdateError):
-        return 5 if exc.rolled_back else 6
+        return 5 if exc.rolled_back else 11 if exc.completed else 6
     if isinstance(exc, StateError):
         return 7
     if isinstance(exc, QMPReplyError):
@@ -123,6 +136,42 @@ def _info_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _paths(args: argparse.Namespace) -> RunPaths:
+    return RunPaths((args.run_dir or default_run_root()) / args.vm)
+
+
+@contextlib.asynccontextmanager
+async def _locked(args: argparse.Namespace, out: Output, verb: str) -> AsyncIterator[VmLock]:
+    """Hold the VM's lock for the verb; finish an interrupted update first."""
+    lock = VmLock(_paths(args).lock, args.vm)
+    if getattr(args, "wait", False):
+        await lock.acquire_wait(verb)
+    else:
+        lock.acquire(verb)
+    try:
+        if verb != "recover" and _paths(args).journal.exists():
+            out.progress(f"{args.vm}: an update was interrupted; recovering it first")
+            rep = await recover(args.vm, run_root=args.run_dir, lock=lock)
+            out.progress(f"{args.vm}: recovered: {rep.outcome} ({'; '.join(rep.actions)})")
+            if rep.outcome == "lost":
+                raise StateError(f"VM {args.vm}: the interrupted update lost the guest "
+                                 f"({'; '.join(rep.actions)})")
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.asynccontextmanager
+async def _attached(args: argparse.Namespace, out: Output, verb: str) -> AsyncIterator[Machine]:
+    """The VM, locked and attached; detached (never stopped) afterwards."""
+    async with _locked(args, out, verb) as lock:
+        vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
+        try:
+            yield vm
+        finally:
+            await vm.detach()
+
+
 async def cmd_up(args: argparse.Namespace, out: Output) -> int:
     spec = load_spec(Path(args.spec))
     vm = Machine(spec, run_root=args.run_dir)
@@ -136,46 +185,66 @@ async def cmd_up(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     if args.vm:
-        vm = await Machine.attach(args.vm, run_root=args.run_dir)
+        paths = _paths(args)
+        plan = plan_recovery(paths)
+        lock = VmLock(paths.lock, args.vm)
+        busy = None
         try:
-            info = await _vm_info(vm)
+            lock.acquire("status")
+        except StateError:
+            busy = lock.holder()
+        try:
+            if plan is not None or busy is not None:
+                # do not take the monitor from whoever is working on the VM
+                info = {"name": args.vm, "busy": busy, "interrupted_update": plan}
+                text = f"{args.vm}: " + (f"busy, {busy} holds its lock" if busy else "") + (
+                    f"\n  interrupted update: {plan}" if plan else "")
+                out.result(info, text)
+                return 0
+            vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
+            try:
+                info = await _vm_info(vm)
+            finally:
+                await vm.detach()
         finally:
-            await vm.detach()
+            lock.release()
         out.result(info, _info_text(info))
         return 0
-    vms = [{"name": s.name, "pid": s.pid, "alive": procfs.pid_alive(s.pid),
-            "generation": s.generation} for s in list_vms(args.run_dir)]
+    vms = [{"name": s.name, "pid": s.pid, "alive": s.alive(),
+            "generation": s.generation,
+            "interrupted_update": RunPaths((args.run_dir or default_run_root()) / s.name)
+            .journal.exists()} for s in list_vms(args.run_dir)]
     text = "\n".join(f"{v['name']:<20} pid {v['pid']:<8} "
                      f"{'running' if v['alive'] else 'DEAD'}  {v['generation']} update(s)"
+                     + ("  INTERRUPTED UPDATE (sealvm recover)" if v["interrupted_update"]
+                        else "")
                      for v in vms) or f"no VMs in {args.run_dir or default_run_root()}"
     out.result({"vms": vms}, text)
     return 0
 
 
 async def cmd_update(args: argparse.Namespace, out: Output) -> int:
-    vm = await Machine.attach(args.vm, run_root=args.run_dir)
     mode = "migrate" if args.mode == "migrate" else f"cpr-{args.mode}"
+    async with _attached(args, out, "update") as vm:
+        return await _update(args, out, vm, mode)
+
+
+async def _update(args: argparse.Namespace, out: Output, vm: Machine, mode: str) -> int:
     if args.dry_run:
-        try:
-            qemu = Path(args.qemu).resolve() if args.qemu else Path(vm.argv[0])
-            checks = await run_preflight(vm, mode=mode, qemu=qemu, raise_on_failure=False)
-        finally:
-            await vm.detach()
+        qemu = Path(args.qemu).resolve() if args.qemu else Path(vm.argv[0])
+        checks = await run_preflight(vm, mode=mode, qemu=qemu, raise_on_failure=False)
         ok = all(c.ok for c in checks)
         text = "\n".join(f"{'ok ' if c.ok else 'NO '} {c.name:<16} {c.detail}" for c in checks)
         out.result({"mode": mode, "ok": ok, "checks": [asdict(c) for c in checks]},
                    text + f"\n{args.vm}: {mode} would be " + ("allowed" if ok else "REFUSED"))
         return 0 if ok else 4
-    try:
-        out.progress(f"{args.vm}: {args.mode} to {args.qemu or 'the same binary'}")
-        report = await live_update(
-            vm, qemu=Path(args.qemu) if args.qemu else None,
-            mode=mode,
-            heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
-            timeout=args.timeout,
-            progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
-    finally:
-        await vm.detach()
+    out.progress(f"{args.vm}: {args.mode} to {args.qemu or 'the same binary'}")
+    report = await live_update(
+        vm, qemu=Path(args.qemu) if args.qemu else None,
+        mode=mode,
+        heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
+        timeout=args.timeout,
+        progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
     pause = f"{1000 * report.pause_qmp:.1f} ms" if report.pause_qmp is not None else "unknown"
     text = (f"{args.vm}: {report.mode} done in {1000 * report.total:.0f} ms, guest paused "
             f"{pause} (QMP STOP->RESUME); pid {report.pid_before} -> {report.pid_after}; "
@@ -186,24 +255,34 @@ async def cmd_update(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+async def cmd_recover(args: argparse.Namespace, out: Output) -> int:
+    async with _locked(args, out, "recover") as lock:
+        rep: RecoverReport = await recover(args.vm, run_root=args.run_dir,
+                                           timeout=args.timeout, lock=lock)
+    text = (f"{args.vm}: nothing to recover" if rep.outcome == "none" else
+            f"{args.vm}: {rep.mode} interrupted after '{rep.interrupted_at}': {rep.outcome}; "
+            f"guest {rep.guest}" + (f", pid {rep.pid}" if rep.pid else "") +
+            "".join(f"\n  {a}" for a in rep.actions))
+    out.result(asdict(rep), text)
+    return RECOVER_EXIT[rep.outcome]
+
+
 async def _simple(args: argparse.Namespace, out: Output, action: str) -> int:
-    vm = await Machine.attach(args.vm, run_root=args.run_dir)
-    try:
+    async with _attached(args, out, action) as vm:
         if action == "pause":
             await vm.pause()
         else:
             await vm.resume()
         status = await vm.status()
-    finally:
-        await vm.detach()
     out.result({"name": args.vm, "status": status}, f"{args.vm}: {status}")
     return 0
 
 
 async def cmd_down(args: argparse.Namespace, out: Output) -> int:
-    vm = await Machine.attach(args.vm, run_root=args.run_dir)
-    pid = vm.pid
-    await vm.shutdown(timeout=args.timeout)
+    async with _locked(args, out, "down") as lock:
+        vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
+        pid = vm.pid
+        await vm.shutdown(timeout=args.timeout)
     out.result({"name": args.vm, "pid": pid, "status": "down", "exitcode": vm.exitcode},
                f"{args.vm}: down (pid {pid})")
     return 0
@@ -218,11 +297,8 @@ async def cmd_qmp(args: argparse.Namespace, out: Output) -> int:
             raise QMPReplyError(args.command, f"JSON-ARGS is not valid JSON: {exc}") from exc
         if not isinstance(arguments, dict):
             raise QMPReplyError(args.command, "JSON-ARGS must be a JSON object")
-    vm = await Machine.attach(args.vm, run_root=args.run_dir)
-    try:
+    async with _attached(args, out, "qmp") as vm:
         result = await vm.execute(args.command, arguments)
-    finally:
-        await vm.detach()
     # the result is JSON whatever the output mode
     print(json.dumps({"return": result} if args.json else result, indent=1))
     return 0
@@ -239,6 +315,7 @@ COMMANDS = {
     "up": cmd_up,
     "status": cmd_status,
     "update": cmd_update,
+    "recover": cmd_recover,
     "pause": lambda a, o: _simple(a, o, "pause"),
     "resume": lambda a, o: _simple(a, o, "resume"),
     "down": cmd_down,
@@ -260,6 +337,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     common.add_argument("--run-dir", type=Path, default=default(None),
                         help=f"VM run directories (default {default_run_root()})")
     common.add_argument("-v", "--verbose", action="count", default=default(0))
+    common.add_argument("--wait", action="store_true", default=default(False),
+                        help="wait for another sealvm working on the VM (its lock)")
     return common
 
 
@@ -294,6 +373,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("vm")
     q.add_argument("command")
     q.add_argument("arguments", nargs="?", metavar="JSON-ARGS")
+    rc = sub.add_parser("recover", parents=[common],
+                        help="finish or roll back an interrupted update")
+    rc.add_argument("vm")
+    rc.add_argument("--timeout", type=float, default=60.0)
     sub.add_parser("host-check", parents=[common], help="probe this host's capabilities")
     return p
 
@@ -310,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"error": type(exc).__name__, "message": str(exc),
                               "exit_code": code,
-                              **({"rolled_back": exc.rolled_back}
+                              **({"rolled_back": exc.rolled_back, "outcome": exc.outcome}
                                  if isinstance(exc, UpdateError) else {}),
                               **({"reasons": exc.reasons}
                                  if isinstance(exc, PreflightError) else {})}))
@@ -318,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or an unexpected OS error: still no traceback
+        logging.getLogger("sealvm").debug("unexpected error", exc_info=True)
+        if args.json:
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                              "exit_code": 1}))
+        print(f"sealvm: unexpected {type(exc).__name__}: {exc} (-vv for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ keep their cause (``raise ... from exc``).  Cancellation is never wrapped.
      +-- HostError            the host lacks a capability or a probe failed
      +-- LaunchError          QEMU did not start, or died before QMP answered
      +-- StateError           an operation does not fit the VM's run state
+     |    +-- InterruptedUpdateError  an earlier update did not finish
+     |                                (run `recover`)
      +-- QMPReplyError        QEMU's reply to a command was an error or malformed
      +-- PreflightError       a live update was refused before the guest paused
      +-- UpdateError          a live update failed after it started
-          (``rolled_back`` says whether the old QEMU resumed the guest)
+          (``outcome``: rolled back, completed with errors, or not resumed)
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ class StateError(SealvmError):
     """The VM is not in a state that allows this operation."""
 
 
+class InterruptedUpdateError(StateError):
+    """A live update of this VM was interrupted (its journal is still there).
+
+    ``recover`` finishes or rolls it back; nothing else may touch the VM first.
+    """
+
+
 class QMPReplyError(SealvmError):
     """QEMU answered a QMP command with an error, or with a malformed reply."""
 
@@ -90,11 +99,28 @@ class PreflightError(SealvmError):
 class UpdateError(SealvmError):
     """A live update failed after it started.
 
-    :param rolled_back: True when the old QEMU resumed the guest.
+    :param rolled_back: True when the old QEMU took the guest back (running
+        again, or paused if it was paused).
+    :param completed: True when the failure came after the fence: the new
+        QEMU runs the guest, a later step (tidying up) failed.
+    Neither: the guest was not resumed (``sealvm recover`` says what is left).
     """
 
-    def __init__(self, message: str, *, rolled_back: bool) -> None:
+    def __init__(self, message: str, *, rolled_back: bool, completed: bool = False) -> None:
         self.message = message
         self.rolled_back = rolled_back
-        state = "old QEMU resumed the guest" if rolled_back else "guest NOT resumed"
+        self.completed = completed and not rolled_back
+        if self.rolled_back:
+            state = "rolled back: the old QEMU has the guest"
+        elif self.completed:
+            state = "update completed with errors: the new QEMU runs the guest"
+        else:
+            state = "guest NOT resumed"
         super().__init__(f"{message} [{state}]")
+
+    @property
+    def outcome(self) -> str:
+        """``rolled-back``, ``completed-with-errors`` or ``not-resumed``."""
+        if self.rolled_back:
+            return "rolled-back"
+        return "completed-with-errors" if self.completed else "not-resumed"

@@ -31,15 +31,17 @@ from qemu.qmp import ExecInterruptedError, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from . import procfs
-from .errors import LaunchError, QMPReplyError, StateError
+from .errors import InterruptedUpdateError, LaunchError, QMPReplyError, StateError
 from .host import open_vfio_fds
+from .lock import VmLock
 from .plan import FdPlan, RunPaths, qemu_argv
 from .process import QemuProcess
 from .spec import VmSpec, check_files, spec_from_dict
 
 log = logging.getLogger("sealvm.vm")
 
-STATE_VERSION = 1
+#: 2: the process is named by pid and start time (``start_time``).
+STATE_VERSION = 2
 
 
 def default_run_root() -> Path:
@@ -73,9 +75,14 @@ class VmState:
     fds: dict[str, Any]
     spec: dict[str, Any]
     started: float
+    start_time: int = 0  # the QEMU process's start time (procfs.start_time)
     generation: int = 0  # live updates completed
     updates: list[dict[str, Any]] = field(default_factory=list)
     version: int = STATE_VERSION
+
+    def alive(self) -> bool:
+        """True while the QEMU process this state names runs (pid + start time)."""
+        return procfs.same_process(self.pid, self.start_time)
 
     def fd_plan(self) -> FdPlan:
         return FdPlan(
@@ -117,6 +124,8 @@ class Machine:
         self._qmp: QMPClient | None = None
         self._subscribers: list[tuple[frozenset[str] | None, asyncio.Queue[dict[str, Any]]]] = []
         self._pump: asyncio.Task[None] | None = None
+        #: held by every verb that changes the VM (`sealvm.lock`)
+        self.lock = VmLock(self.paths.lock, spec.name)
 
     # ------------------------------------------------------------------ info
 
@@ -149,8 +158,8 @@ class Machine:
     # -------------------------------------------------------------- launching
 
     def spawn(self, spec: VmSpec, qmp_path: Path, *, extra: list[str] | None = None,
-              extra_fds: list[int] | None = None,
-              fds: FdPlan | None = None) -> tuple[QemuProcess, list[str], FdPlan]:
+              extra_fds: list[int] | None = None, fds: FdPlan | None = None,
+              marker: str | None = None) -> tuple[QemuProcess, list[str], FdPlan]:
         """Start a QEMU for *spec* with its QMP socket at *qmp_path*.
 
         Without *fds*, the VFIO fds are opened here (first launch); with
@@ -171,7 +180,7 @@ class Machine:
                 assert fds is not None
                 plan = FdPlan(qmp_listen=listener.fileno(), iommufd=fds.iommufd,
                               vfio=dict(fds.vfio))
-            argv = qemu_argv(spec, self.paths, plan) + (extra or [])
+            argv = qemu_argv(spec, self.paths, plan, marker=marker) + (extra or [])
             pass_fds = [listener.fileno(), *(extra_fds or [])] + (
                 [] if vfio is None else [f for f in plan.all() if f != plan.qmp_listen])
             self.logger.info("starting: %s", " ".join(argv))
@@ -201,6 +210,10 @@ class Machine:
         if self.runstate is not Runstate.IDLE:
             raise StateError(f"VM {self.name}: already {self.runstate.value}")
         check_files(self.spec)
+        with self.lock.hold("up"):
+            await self._launch(timeout)
+
+    async def _launch(self, timeout: float) -> None:
         self._prepare_run_dir()
         try:
             self.process, argv, plan = self.spawn(self.spec, self.paths.qmp)
@@ -214,6 +227,7 @@ class Machine:
             fds={"qmp_listen": plan.qmp_listen, "iommufd": plan.iommufd, "vfio": plan.vfio},
             spec=self.spec.to_dict(),
             started=time.time(),
+            start_time=procfs.start_time(self.process.pid) or 0,
         )
         try:
             await self.connect(timeout=timeout)
@@ -230,8 +244,14 @@ class Machine:
         try:
             root.mkdir(mode=0o700)
         except FileExistsError:
+            # Never clean up what may belong to a live VM: an unreadable state
+            # file or an interrupted update stops here, naming the file.
             old = read_state(self.paths)
-            if old is not None and procfs.pid_alive(old.pid):
+            if self.paths.journal.exists():
+                raise InterruptedUpdateError(
+                    f"VM {self.name}: an update was interrupted ({self.paths.journal}); "
+                    f"run `sealvm recover {self.name}` first") from None
+            if old is not None and old.alive():
                 raise StateError(
                     f"VM {self.name} is already running (pid {old.pid}); "
                     f"attach to it or run `sealvm down {self.name}`"
@@ -251,24 +271,31 @@ class Machine:
 
     @classmethod
     async def attach(cls, name: str, *, run_root: Path | None = None,
-                     timeout: float = 10.0) -> Machine:
-        """Attach to a VM another controller launched.
+                     timeout: float = 10.0, lock: VmLock | None = None) -> Machine:
+        """Attach to a VM another controller launched.  *lock*, when given,
+        is the VM's lock the caller already holds (the Machine uses it).
 
         :raise StateError: when no live VM of that name exists.
         :raise LaunchError: when its monitor does not answer in *timeout*.
         """
         paths = RunPaths((run_root or default_run_root()) / name)
-        if not paths.state.exists():
-            raise StateError(f"no VM named {name!r} in {paths.root.parent}")
         state = read_state(paths)
         if state is None:
-            raise StateError(f"VM {name}: unreadable state file {paths.state}")
-        if not procfs.pid_alive(state.pid):
+            raise StateError(f"no VM named {name!r} in {paths.root.parent}")
+        if paths.journal.exists():
+            raise InterruptedUpdateError(
+                f"VM {name}: an update was interrupted ({paths.journal}); "
+                f"run `sealvm recover {name}`")
+        if not state.alive():
             raise StateError(f"VM {name}: QEMU (pid {state.pid}) is not running")
         self = cls(spec_from_dict(state.spec), run_root=paths.root.parent)
+        if lock is not None:
+            self.lock = lock
         self.state = state
         self.process = QemuProcess(state.pid, logger=self.logger)
         try:
+            if not state.alive():  # the pid was recycled while the pidfd opened
+                raise StateError(f"VM {name}: QEMU (pid {state.pid}) is not running")
             await self.connect(timeout=timeout)
         except BaseException:
             self.process.close()
@@ -365,6 +392,7 @@ class Machine:
         self.process = process
         self._set_qmp(qmp)
         self.state.pid = process.pid
+        self.state.start_time = procfs.start_time(process.pid) or 0
         self.state.argv = argv
         self.state.fds = {"qmp_listen": fds.qmp_listen, "iommufd": fds.iommufd,
                           "vfio": fds.vfio}
@@ -381,6 +409,9 @@ class Machine:
             raise QMPReplyError(command, f"{exc.error_class}: {exc.error.error.desc}") from exc
         except ExecInterruptedError as exc:
             raise StateError(f"VM {self.name}: monitor disconnected during {command}") from exc
+        except QMPError as exc:  # not connected, connection lost, protocol
+            raise StateError(f"VM {self.name}: monitor connection lost ({command}): "
+                             f"{type(exc).__name__}: {exc}") from exc
 
     async def events(
         self, names: Iterable[str] | None = None
@@ -474,11 +505,27 @@ class Machine:
 
 
 def read_state(paths: RunPaths) -> VmState | None:
-    """The state file of a run directory, or None if absent or unreadable."""
+    """The state file of a run directory, or None if there is none.
+
+    :raise StateError: naming the file, when it is unreadable, corrupt or of
+        another version (nothing is deleted).
+    """
     try:
-        return VmState(**json.loads(paths.state.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        data = json.loads(paths.state.read_text())
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{paths.state}: unreadable state file ({exc}); "
+                         "left as it is") from exc
+    version = data.get("version") if isinstance(data, dict) else None
+    if version != STATE_VERSION:
+        raise StateError(f"{paths.state}: state file version {version!r}, this sealvm "
+                         f"reads version {STATE_VERSION}; left as it is")
+    try:
+        return VmState(**data)
+    except TypeError as exc:
+        raise StateError(f"{paths.state}: malformed state file ({exc}); "
+                         "left as it is") from exc
 
 
 def list_vms(run_root: Path | None = None) -> list[VmState]:
@@ -487,7 +534,13 @@ def list_vms(run_root: Path | None = None) -> list[VmState]:
     found = []
     with contextlib.suppress(FileNotFoundError):
         for d in sorted(root.iterdir()):
-            state = read_state(RunPaths(d))
+            if not d.is_dir():
+                continue
+            try:
+                state = read_state(RunPaths(d))
+            except StateError as exc:
+                log.warning("%s", exc)
+                continue
             if state is not None:
                 found.append(state)
     return found

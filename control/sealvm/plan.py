@@ -63,6 +63,22 @@ class RunPaths:
     def main_sock(self) -> Path:
         return self.root / "migrate.sock"
 
+    @property
+    def journal(self) -> Path:
+        """The journal of the update in progress (absent when none is)."""
+        return self.root / "update.journal"
+
+    @property
+    def last_journal(self) -> Path:
+        """The journal of the last update that ended, kept for post-mortems."""
+        return self.root / "last-update.journal"
+
+    @property
+    def lock(self) -> Path:
+        """The VM's lock file; beside the run directory, so that it can be
+        taken before the directory exists and outlives its cleanup."""
+        return self.root.parent / f".{self.root.name}.lock"
+
 
 @dataclass(frozen=True)
 class FdPlan:
@@ -116,14 +132,22 @@ def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
     return args
 
 
-def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan) -> list[str]:
+def name_arg(spec_name: str, marker: str | None = None) -> str:
+    """``-name``'s value; *marker* names the process (``process=``) so that
+    the QEMU of one update can be told apart from any other by its argv."""
+    value = f"{spec_name},debug-threads=on"
+    return value if marker is None else f"{value},process={marker}"
+
+
+def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan, *,
+              marker: str | None = None) -> list[str]:
     """The full argv of QEMU for *spec* (argv[0] is spec.qemu)."""
     machine = f"{spec.machine},memory-backend={RAM_ID}"
     if spec.memory.backend == "memfd":
         machine += ",aux-ram-share=on"
     argv = [
         str(spec.qemu),
-        "-name", f"{spec.name},debug-threads=on",
+        "-name", name_arg(spec.name, marker),
         "-machine", machine,
         "-accel", spec.accel,
         "-cpu", "max",
@@ -150,17 +174,28 @@ def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan) -> list[str]:
     return argv
 
 
-def incoming_argv(argv: list[str], qemu: Path | None = None) -> list[str]:
+def incoming_argv(argv: list[str], qemu: Path | None = None, *,
+                  marker: str | None = None) -> list[str]:
     """The argv for the QEMU that takes over: same devices, possibly a new
-    binary, waiting for ``migrate-incoming`` (``-incoming defer``)."""
+    binary, waiting for ``migrate-incoming`` (``-incoming defer``) and, once
+    the state is loaded, for ``cont`` (``-S``): the controller resumes the
+    guest itself, so that nothing runs it before the controller decided
+    (the fence of an update).  *marker* replaces the ``-name`` process
+    marker (see `name_arg`)."""
     out = list(argv)
-    # drop any previous -incoming
+    # drop any previous -incoming and -S
     i = 0
     while i < len(out):
         if out[i] == "-incoming":
             del out[i : i + 2]
+        elif out[i] == "-S":
+            del out[i]
         else:
             i += 1
+    if marker is not None and "-name" in out:
+        i = out.index("-name") + 1
+        kept = [o for o in out[i].split(",") if not o.startswith("process=")]
+        out[i] = ",".join([*kept, f"process={marker}"])
     if qemu is not None:
         out[0] = str(qemu)
-    return out + ["-incoming", "defer"]
+    return out + ["-S", "-incoming", "defer"]

@@ -115,14 +115,55 @@ def memfds(pid: int) -> list[Memfd]:
     return sorted(found, key=lambda m: m.fd)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while *pid* exists and is not a zombie."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (field 3 onwards), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] != "Z"
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def start_time(pid: int) -> int | None:
+    """When *pid* started (clock ticks since boot), or None if it is gone.
+
+    A pid and its start time name one process for good: a recycled pid has a
+    later start time.  exec() does not change it (cpr-exec keeps both).
+    """
+    fields = _stat_fields(pid)
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
+
+
+def same_process(pid: int, started: int) -> bool:
+    """True while the process *pid* that started at *started* is alive."""
+    return start_time(pid) == started
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The argv *pid* runs now (changes at exec), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+def pids_with_arg(arg: str) -> list[int]:
+    """Live processes one of whose arguments is exactly *arg*."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            argv = cmdline(int(entry))
+            if argv and arg in argv and pid_alive(int(entry)):
+                found.append(int(entry))
+    return sorted(found)
 
 
 def exe_of(pid: int) -> str:

@@ -87,8 +87,18 @@ def test_incoming_argv_replaces_binary_and_previous_incoming() -> None:
     argv = qemu_argv(spec(), PATHS, FdPlan(qmp_listen=7))
     once = incoming_argv(argv, Path("/new/qemu"))
     assert once[0] == "/new/qemu"
-    assert once[-2:] == ["-incoming", "defer"]
+    # loaded, then paused until the controller resumes it (the fence)
+    assert once[-3:] == ["-S", "-incoming", "defer"]
     twice = incoming_argv(once)
     assert twice == once
-    assert twice.count("-incoming") == 1
-    assert twice[1:-2] == argv[1:]
+    assert twice.count("-incoming") == 1 and twice.count("-S") == 1
+    assert twice[1:-3] == argv[1:]
+
+
+def test_incoming_argv_marks_the_new_process() -> None:
+    argv = qemu_argv(spec(), PATHS, FdPlan(qmp_listen=7))
+    first = incoming_argv(argv, marker="sealvm-aaaa")
+    second = incoming_argv(first, marker="sealvm-bbbb")
+    name = second[second.index("-name") + 1]
+    assert name == "t,debug-threads=on,process=sealvm-bbbb"
+    assert first != second and len(first) == len(second)

@@ -1,0 +1,194 @@
+"""
+Live update: replace the QEMU under a running (or paused) guest, keeping its RAM.
+
+One call, `live_update`, three modes, one module each:
+
+- `cpr_exec`: the same process exec()s the new binary (cpr-exec);
+- `transfer`: a new process beside the old one (cpr-transfer), or classic
+  migration (RAM copied) as the baseline to compare with.
+
+Around every mode: the VM's lock, the guest's run state kept (a paused guest
+stays paused), preflight before anything is touched, and a journal
+(`journal`) written before every step that cannot be undone, so that
+`recover` can finish or roll back an update whose controller died.  The
+new QEMU waits after loading (``-S``) until the controller resumes it: the
+fence.  Before it, failures roll back; after it, the update only goes
+forward ("completed with errors" at worst).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from .. import procfs
+from ..console import ConsoleFollower
+from ..errors import PreflightError, QMPReplyError, SealvmError, StateError, UpdateError
+from ..machine import Machine
+from ..machine import Runstate as VmRunstate
+from ..preflight import MODES, Check, run_preflight
+from . import cpr_exec, transfer
+from .context import UpdateContext
+from .journal import Journal
+from .monitor import UPDATABLE
+from .recover import RecoverReport, plan_recovery, recover
+from .report import Clock, Progress, RamBlock, UpdateReport, ram_blocks, verify
+
+log = logging.getLogger("sealvm.update")
+
+
+async def live_update(
+    vm: Machine,
+    *,
+    qemu: Path | None = None,
+    mode: str = "cpr-exec",
+    heartbeat_interval: float | None = None,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+    require_sealed: bool = True,
+) -> UpdateReport:
+    """Replace the QEMU running *vm* with *qemu* (default: the same binary).
+
+    The guest keeps its run state: running stays running, paused stays paused.
+    With *heartbeat_interval* (seconds), the guest is the sealvm test guest:
+    its serial log is followed and the pause it saw is measured.
+    *progress(phase, seconds)* is called as each phase ends.
+    *require_sealed* False lets a stock QEMU (unsealed aux RAM) be updated,
+    for comparisons; sealvm's own QEMU always seals.
+
+    :raise StateError: the VM is busy (another update holds its lock), has an
+        interrupted update (`InterruptedUpdateError`: run `recover`), or its
+        guest is neither running nor paused; nothing was touched.
+    :raise PreflightError: refused before the guest paused; VM untouched.
+    :raise UpdateError: failed after the update started; ``outcome`` says
+        whether it was rolled back, completed with errors, or left the guest
+        not resumed (the journal stays: `recover`).
+    """
+    if mode not in MODES:
+        raise PreflightError([f"mode {mode!r} is not one of {', '.join(MODES)}"])
+    if vm.runstate is not VmRunstate.RUNNING or vm.pid is None or vm.state is None:
+        raise StateError(f"VM {vm.name} is {vm.runstate.value}: attach or launch it first")
+    with vm.lock.hold("update"):
+        return await _update(vm, qemu=qemu, mode=mode, heartbeat_interval=heartbeat_interval,
+                             timeout=timeout, progress=progress, require_sealed=require_sealed)
+
+
+async def _update(vm: Machine, *, qemu: Path | None, mode: str,
+                  heartbeat_interval: float | None, timeout: float,
+                  progress: Progress | None, require_sealed: bool) -> UpdateReport:
+    assert vm.state is not None and vm.pid is not None
+    if vm.paths.journal.exists():
+        Journal.begin(vm.paths)  # raises InterruptedUpdateError, naming the file
+    guest = await vm.status()
+    if guest not in UPDATABLE:
+        raise StateError(f"VM {vm.name}: the guest is {guest}; only a running or paused "
+                         "guest can be updated")
+    was_running = guest == "running"
+    new_qemu = (qemu or Path(vm.argv[0])).resolve()
+    clock = Clock(progress)
+    checks = await run_preflight(vm, mode=mode, qemu=new_qemu, require_sealed=require_sealed)
+    pid = vm.pid
+    report = UpdateReport(
+        mode=mode,
+        qemu_before=procfs.exe_of(pid),
+        qemu_after=str(new_qemu),
+        pid_before=pid,
+        pid_after=-1,
+        ram_before=ram_blocks(pid),
+        ram_after=[],
+        guest_state=guest,
+        checks=[str(c) for c in checks],
+    )
+    clock.mark("preflight")
+    marker = f"sealvm-{secrets.token_hex(6)}"
+    journal = Journal.begin(
+        vm.paths, mode=mode, vm=vm.name, old_pid=pid, old_start_time=vm.state.start_time,
+        old_argv=vm.argv, qemu=str(new_qemu), was_running=was_running, marker=marker,
+        generation=vm.state.generation)
+    journal.pids["old"] = pid
+    ctx = UpdateContext(vm=vm, qemu=new_qemu, clock=clock, report=report, journal=journal,
+                        deadline=asyncio.get_running_loop().time() + timeout,
+                        timeout=timeout, was_running=was_running, marker=marker)
+    vm.runstate = VmRunstate.UPDATING
+    completed_error: UpdateError | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            follower = None
+            first = 0
+            if heartbeat_interval is not None and was_running:
+                follower = await stack.enter_async_context(ConsoleFollower(vm.paths.serial))
+                await follower.wait_heartbeats(2, timeout)
+                first = len(follower.log.heartbeats) - 1
+            try:
+                if mode == "cpr-exec":
+                    await cpr_exec.run(ctx)
+                else:
+                    await transfer.run(ctx, cpr=mode == "cpr-transfer")
+            except UpdateError as exc:
+                if not exc.completed:
+                    raise
+                completed_error = exc
+            # ---- past the fence: record the new QEMU, then check it
+            _record_success(vm, report, mode, new_qemu)
+            journal.end("completed" if completed_error is None else "completed-with-errors",
+                        error=None if completed_error is None else completed_error.message)
+            report.ram_after = ram_blocks(report.pid_after)
+            try:
+                report.devices_missing = await _missing_devices(vm)
+            except SealvmError as exc:
+                raise UpdateError(f"listing the new QEMU's devices: {exc}",
+                                  rolled_back=False, completed=True) from exc
+            if follower is not None and heartbeat_interval is not None:
+                await follower.wait_heartbeats(3, timeout)
+                gap = follower.log.largest_gap(first)
+                report.pause_guest = max(0.0, gap - heartbeat_interval)
+                report.heartbeat_continuous = follower.log.counter_continuous()
+                report.mismatches = follower.log.mismatched_words
+    finally:
+        if vm.runstate is VmRunstate.UPDATING:
+            vm.runstate = VmRunstate.RUNNING if vm.alive() else VmRunstate.STOPPED
+    report.total = time.monotonic() - clock.start
+    report.phases = clock.phases
+    if completed_error is not None:
+        raise completed_error
+    verify(report)
+    log.info("%s: %s done, pause %.3f s (QMP)", vm.name, mode, report.pause_qmp or -1)
+    return report
+
+
+def _record_success(vm: Machine, report: UpdateReport, mode: str, qemu: Path) -> None:
+    """The new QEMU is the VM's now: say so in state.json."""
+    assert vm.state is not None
+    vm.spec = vm.spec.with_qemu(qemu)
+    vm.state.spec["qemu"] = str(qemu)
+    vm.state.generation += 1
+    vm.state.updates.append(
+        {"mode": mode, "qemu": str(qemu), "pause_qmp": report.pause_qmp,
+         "time": time.time()})
+    vm.save_state()
+
+
+async def _missing_devices(vm: Machine) -> list[str]:
+    """Assigned devices of the spec that the (new) QEMU does not have."""
+    if not vm.spec.vfio:
+        return []
+    reply = await vm.execute("qom-list", {"path": "/machine/peripheral"})
+    if not isinstance(reply, list):
+        raise QMPReplyError("qom-list", f"malformed reply {reply!r}")
+    present = {p.get("name") for p in reply if isinstance(p, dict)}
+    return [d.id for d in vm.spec.vfio if d.id not in present]
+
+
+__all__ = [
+    "Check",
+    "RamBlock",
+    "RecoverReport",
+    "UpdateReport",
+    "live_update",
+    "plan_recovery",
+    "recover",
+]

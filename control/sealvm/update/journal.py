@@ -1,0 +1,180 @@
+"""
+The update journal: nothing irreversible without a record.
+
+One JSON object per line in ``update.journal`` in the VM's run directory,
+each written and fsync'd (file, then directory for the first) *before* the
+step it announces.  Steps, in order (each update writes a subset):
+
+========== ===========================================================
+begin      mode, old QEMU (pid, start time, argv), new binary, the
+           guest's run state, the marker argument of the new QEMU
+migrate    ``migrate`` is about to be sent to the old QEMU
+spawn      (new process modes) the new QEMU is about to be started
+spawned    its pid, start time, argv, fds, QMP socket
+exec       (cpr-exec) the new image answers on the inherited socket
+loaded     the new QEMU has loaded the device state (paused by ``-S``)
+resumed    the new QEMU runs the guest: the fence.  From here on the
+           update only goes forward
+old-quit   (new process modes) the old QEMU has exited
+end        the outcome; the file is then renamed ``last-update.journal``
+========== ===========================================================
+
+While ``update.journal`` exists, the VM has an interrupted update and only
+``recover`` (`sealvm.update.recover`) may touch it.  The files the update
+needs (the device-state file, the successor's socket) stay until ``end``.
+
+Fault injection, for the fault matrix (tests/faults): with
+``SEALVM_FAULT=ACTION@POINT`` in the environment, *ACTION* happens right
+after the step *POINT* is written (or at a `Journal.fault` point of that
+name, such as ``migrate-sent``):
+
+- ``kill-controller``: this process SIGKILLs itself;
+- ``kill-new`` / ``kill-old``: the new / old QEMU is SIGKILLed;
+- ``stop-new``: the new QEMU is SIGSTOPped (a hang).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from ..errors import InterruptedUpdateError, StateError
+from ..plan import RunPaths
+
+FAULT_ENV = "SEALVM_FAULT"
+FAULT_ACTIONS = ("kill-controller", "kill-new", "kill-old", "stop-new")
+
+STEPS = ("begin", "migrate", "spawn", "spawned", "exec", "loaded", "resumed",
+         "old-quit", "end")
+
+
+def _fsync_dir(path: os.PathLike[str] | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The journal of one update, in memory and on disk."""
+
+    def __init__(self, paths: RunPaths, records: list[dict[str, Any]]) -> None:
+        self.paths = paths
+        self.records = records
+        #: "old", "new" -> pid, for fault injection
+        self.pids: dict[str, int] = {}
+
+    @classmethod
+    def begin(cls, paths: RunPaths, **data: Any) -> Journal:
+        """Start the journal of a new update.
+
+        :raise InterruptedUpdateError: when another update's journal is there.
+        """
+        try:
+            fd = os.open(paths.journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o600)
+        except FileExistsError:
+            raise InterruptedUpdateError(
+                f"an update was interrupted ({paths.journal}); run `sealvm recover "
+                f"{paths.root.name}` first") from None
+        os.close(fd)
+        _fsync_dir(paths.root)
+        self = cls(paths, [])
+        self.record("begin", **data)
+        return self
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> Journal | None:
+        """The journal of an interrupted update, or None when there is none.
+
+        A torn last line (the writer died inside ``write``) is ignored: its
+        step had not started.
+
+        :raise StateError: when the journal is unreadable (names the file).
+        """
+        try:
+            text = paths.journal.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"{paths.journal}: unreadable ({exc})") from exc
+        records = []
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:  # torn tail: not written, not acted on
+                    break
+                raise StateError(f"{paths.journal}: corrupt line {i + 1}") from None
+            if not isinstance(rec, dict) or rec.get("step") not in STEPS:
+                raise StateError(f"{paths.journal}: line {i + 1} is not a journal record")
+            records.append(rec)
+        if not records or records[0]["step"] != "begin":
+            raise StateError(f"{paths.journal}: does not start with 'begin'")
+        return cls(paths, records)
+
+    # ----------------------------------------------------------------- reading
+
+    @property
+    def start(self) -> dict[str, Any]:
+        return self.records[0]
+
+    def has(self, step: str) -> bool:
+        return any(r["step"] == step for r in self.records)
+
+    def get(self, step: str) -> dict[str, Any]:
+        """The last record of *step* (empty if none)."""
+        for r in reversed(self.records):
+            if r["step"] == step:
+                return dict(r)
+        return {}
+
+    @property
+    def last(self) -> str:
+        return str(self.records[-1]["step"])
+
+    # ----------------------------------------------------------------- writing
+
+    def record(self, step: str, **data: Any) -> None:
+        """Append *step* and make it durable before returning."""
+        assert step in STEPS, step
+        rec = {"step": step, "time": time.time(), **data}
+        line = json.dumps(rec, default=str) + "\n"
+        fd = os.open(self.paths.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.records.append(rec)
+        self.fault(step)
+
+    def fault(self, point: str) -> None:
+        """Inject the fault ``$SEALVM_FAULT`` names, if it names *point*."""
+        action, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+        if at != point:
+            return
+        if action == "kill-controller":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action in ("kill-new", "kill-old", "stop-new"):
+            pid = self.pids.get(action.split("-")[1])
+            if pid is not None:
+                os.kill(pid, signal.SIGSTOP if action == "stop-new" else signal.SIGKILL)
+        else:
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} "
+                             f"(one of {', '.join(FAULT_ACTIONS)})")
+
+    def end(self, outcome: str, **data: Any) -> None:
+        """Record the outcome and retire the journal (``last-update.journal``)."""
+        self.record("end", outcome=outcome, **data)
+        os.replace(self.paths.journal, self.paths.last_journal)
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.paths.root)

@@ -1,0 +1,330 @@
+"""
+Recovery: finish or roll back an update whose controller died.
+
+`recover` reads the journal (`journal`) and the processes as they are now,
+and ends with exactly one QEMU running the guest (or holding it paused, if
+it was paused), every file of the update removed and the journal retired:
+
+cpr-exec (one process, two images)
+    The argv of the process tells the images apart (the new one carries the
+    update's marker).  Old image: a migration still in flight is waited for;
+    then the guest is resumed if it was running: *rolled back*.  New image:
+    the device state is loaded from the file if that had not happened, the
+    guest resumed: *completed*.
+cpr-transfer / migration (two processes)
+    The new QEMU wins if it runs the guest or has loaded the state: the old
+    QEMU is made to quit, the new one becomes the VM's: *completed*.
+    Otherwise the new QEMU (found by pid, or by its marker if the controller
+    died while starting it) is killed and the old one resumes the guest:
+    *rolled back*.
+
+If the QEMU that could have taken the guest is gone, the guest is *lost*:
+the report says so and the run directory is cleaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from .. import procfs
+from ..errors import SealvmError, StateError
+from ..lock import VmLock
+from ..machine import Machine, default_run_root, read_state
+from ..plan import RunPaths, name_arg
+from ..process import QemuProcess
+from ..spec import spec_from_dict
+from .context import remove
+from .journal import Journal
+from .monitor import (
+    MIGRATING,
+    arm,
+    connect,
+    disconnect,
+    execute,
+    incoming,
+    migration_status,
+    resume,
+    settle_outgoing,
+    status,
+)
+
+
+@dataclass
+class RecoverReport:
+    """What `recover` found and did."""
+
+    name: str
+    #: "none" (nothing to recover), "completed", "rolled-back" or "lost"
+    outcome: str
+    mode: str | None = None
+    #: the last step the journal recorded
+    interrupted_at: str | None = None
+    #: the guest's state afterwards ("running", "paused", or "gone")
+    guest: str = "gone"
+    pid: int | None = None
+    actions: list[str] = field(default_factory=list)
+
+
+def plan_recovery(paths: RunPaths) -> str | None:
+    """What `recover` would do for the VM in *paths*, from the journal and
+    the processes (no QMP); None when no update was interrupted."""
+    journal = Journal.load(paths)
+    if journal is None:
+        return None
+    start = journal.start
+    old_alive = procfs.same_process(start["old_pid"], start["old_start_time"])
+    head = f"{start['mode']} interrupted after '{journal.last}'"
+    if start["mode"] == "cpr-exec":
+        if not old_alive:
+            return f"{head}; QEMU is gone: the guest is lost"
+        image = "new" if _is_new_image(journal, start["old_pid"]) else "old"
+        return (f"{head}; the process runs the {image} image: recover will "
+                + ("finish the update" if image == "new" else "give the guest back to it"))
+    new_pid = _successor_pid(journal)
+    if journal.has("resumed"):
+        return f"{head}; the new QEMU (pid {new_pid}) runs the guest: recover will finish"
+    if new_pid is not None:
+        return (f"{head}; new QEMU pid {new_pid}: recover will finish if it has loaded "
+                "the guest, else kill it and roll back")
+    return f"{head}; recover will roll back to the old QEMU" + (
+        "" if old_alive else " (gone: the guest is lost)")
+
+
+async def recover(name: str, *, run_root: Path | None = None, timeout: float = 60.0,
+                  lock: VmLock | None = None) -> RecoverReport:
+    """Finish or roll back an interrupted update of VM *name*.
+
+    Takes the VM's lock, or uses *lock* the caller holds (a held lock means
+    a controller is alive and working: recover does not wait for it).
+
+    :raise StateError: when the VM is busy or its files are unreadable.
+    :raise SealvmError: when a QEMU does not answer; the journal stays and
+        recover can be run again.
+    """
+    paths = RunPaths((run_root or default_run_root()) / name)
+    state = read_state(paths)
+    if state is None:
+        raise StateError(f"no VM named {name!r} in {paths.root.parent}")
+    vm = Machine(spec_from_dict(state.spec), run_root=paths.root.parent)
+    vm.state = state
+    if lock is not None:
+        vm.lock = lock
+    with vm.lock.hold("recover"):
+        journal = Journal.load(paths)
+        if journal is None:
+            return RecoverReport(name, "none", guest="running" if state.alive() else "gone",
+                                 pid=state.pid)
+        report = RecoverReport(name, "", mode=journal.start["mode"],
+                               interrupted_at=journal.last)
+        deadline = asyncio.get_running_loop().time() + timeout
+        if journal.start["mode"] == "cpr-exec":
+            await _recover_exec(vm, journal, report, deadline, timeout)
+        else:
+            await _recover_transfer(vm, journal, report, deadline, timeout)
+        remove(paths.cpr_state, paths.cpr_sock, paths.main_sock,
+               *paths.root.glob("qmp-next-*.sock"))
+        if report.outcome == "lost":
+            vm._cleanup_run_dir()
+        journal.end(report.outcome, actions=report.actions, by="recover")
+        return report
+
+
+# ------------------------------------------------------------------ cpr-exec
+
+
+def _is_new_image(journal: Journal, pid: int) -> bool:
+    new_argv = journal.get("migrate").get("argv")
+    return bool(new_argv) and procfs.cmdline(pid) == new_argv
+
+
+async def _recover_exec(vm: Machine, journal: Journal, report: RecoverReport,
+                        deadline: float, timeout: float) -> None:
+    start, paths = journal.start, vm.paths
+    assert vm.state is not None
+    pid = start["old_pid"]
+    was_running = bool(start["was_running"])
+    for _ in range(3):  # old image mid-migration -> exec: look again
+        if not procfs.same_process(pid, start["old_start_time"]):
+            report.outcome = "lost"
+            report.actions.append(f"QEMU (pid {pid}) is gone: the guest is lost")
+            return
+        new_image = _is_new_image(journal, pid)
+        qmp = await connect(paths.qmp, name=vm.name, timeout=timeout)
+        try:
+            if not new_image:
+                if await settle_outgoing(qmp, deadline=deadline, cancel=False):
+                    continue  # it exec'd meanwhile
+                await _take_back(qmp, was_running, report)
+                report.outcome = "rolled-back"
+            else:
+                await _finish_exec(vm, qmp, journal, report, deadline)
+                report.outcome = "completed"
+            report.pid = pid
+            return
+        finally:
+            await disconnect(qmp)
+    raise StateError(f"VM {vm.name}: QEMU (pid {pid}) keeps changing; run recover again")
+
+
+async def _take_back(qmp: QMPClient, was_running: bool, report: RecoverReport) -> None:
+    """The old QEMU keeps the guest: resume it if it was running."""
+    guest = await status(qmp)
+    if was_running and guest != "running":
+        await execute(qmp, "cont")
+        report.actions.append(f"resumed the guest on the old QEMU (it was {guest})")
+        guest = await status(qmp)
+    report.guest = guest
+    report.actions.append(f"old QEMU has the guest ({guest})")
+
+
+async def _finish_exec(vm: Machine, qmp: QMPClient, journal: Journal, report: RecoverReport,
+                       deadline: float) -> None:
+    assert vm.state is not None
+    start = journal.start
+    new_argv: list[str] = journal.get("migrate")["argv"]
+    guest = await status(qmp)
+    if guest == "inmigrate":
+        st, _ = await migration_status(qmp)
+        args = None if st in MIGRATING else {"uri": journal.get("migrate")["uri"]}
+        proc = QemuProcess(start["old_pid"], logger=vm.logger)
+        try:
+            await incoming(qmp, args, deadline=deadline, proc=proc,
+                           log_tail=lambda: vm.log_tail(5))
+        finally:
+            proc.close()
+        report.actions.append("new image loaded the device state" +
+                              (" (sent migrate-incoming)" if args else ""))
+        guest = await status(qmp)
+    if start["was_running"] and guest != "running":
+        await resume(qmp, deadline=deadline)
+        report.actions.append("resumed the guest on the new image")
+        guest = "running"
+    await arm(qmp, new_argv)
+    vm.state.argv = new_argv
+    _record(vm, start["qemu"])
+    report.guest = guest
+
+
+def _record(vm: Machine, qemu: str) -> None:
+    """The new QEMU is the VM's: state.json says so (as a live update does)."""
+    assert vm.state is not None
+    vm.spec = vm.spec.with_qemu(Path(qemu))
+    vm.state.spec["qemu"] = qemu
+    vm.state.generation += 1
+    vm.state.updates.append({"mode": "recovered", "qemu": qemu})
+    vm.save_state()
+
+
+# -------------------------------------------------- cpr-transfer, migration
+
+
+def _successor_pid(journal: Journal) -> int | None:
+    """The new QEMU's pid: recorded, or found by its marker argument."""
+    spawned = journal.get("spawned")
+    if spawned:
+        pid = int(spawned["pid"])
+        return pid if procfs.same_process(pid, spawned["start_time"]) else None
+    start = journal.start
+    found = procfs.pids_with_arg(name_arg(start["vm"], start["marker"]))
+    return found[0] if found else None
+
+
+async def _recover_transfer(vm: Machine, journal: Journal, report: RecoverReport,
+                            deadline: float, timeout: float) -> None:
+    start, paths = journal.start, vm.paths
+    was_running = bool(start["was_running"])
+    old_alive = procfs.same_process(start["old_pid"], start["old_start_time"])
+    new_pid = _successor_pid(journal)
+    new_qmp: QMPClient | None = None
+    qmp_next = Path(journal.get("spawn").get("qmp", paths.qmp_next(0)))
+    try:
+        loaded = False
+        if new_pid is not None and journal.has("migrate"):
+            with contextlib.suppress(StateError):
+                new_qmp = await connect(qmp_next, name=f"{vm.name}-new",
+                                        timeout=min(timeout, 5.0))
+            if new_qmp is not None:
+                guest = await status(new_qmp)
+                loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
+                    "completed"
+        if new_pid is not None and new_qmp is not None and loaded:
+            await _forward(vm, journal, report, new_pid, new_qmp, qmp_next, deadline,
+                           timeout, old_alive)
+            return
+        # back: the new QEMU goes, the old one keeps the guest
+        if new_pid is not None:
+            await disconnect(new_qmp)
+            new_qmp = None
+            proc = QemuProcess(new_pid, logger=vm.logger)
+            await proc.kill()
+            proc.close()
+            report.actions.append(f"killed the new QEMU (pid {new_pid})")
+        if not old_alive:
+            report.outcome = "lost"
+            report.actions.append(f"old QEMU (pid {start['old_pid']}) is gone and the new "
+                                  "one never had the guest: the guest is lost")
+            return
+        qmp = await connect(paths.qmp, name=vm.name, timeout=timeout)
+        try:
+            await settle_outgoing(qmp, deadline=deadline, cancel=True)
+            await _take_back(qmp, was_running, report)
+        finally:
+            await disconnect(qmp)
+        report.outcome = "rolled-back"
+        report.pid = start["old_pid"]
+    finally:
+        await disconnect(new_qmp)
+
+
+async def _forward(vm: Machine, journal: Journal, report: RecoverReport, new_pid: int,
+                   new_qmp: QMPClient, qmp_next: Path, deadline: float, timeout: float,
+                   old_alive: bool) -> None:
+    assert vm.state is not None
+    start, paths = journal.start, vm.paths
+    guest = await status(new_qmp)
+    if start["was_running"] and guest != "running":
+        await resume(new_qmp, deadline=deadline)
+        report.actions.append("resumed the guest on the new QEMU")
+        guest = "running"
+    await arm(new_qmp, None)
+    if old_alive:
+        old = QemuProcess(start["old_pid"], logger=vm.logger)
+        try:
+            with contextlib.suppress(SealvmError):
+                qmp = await connect(paths.qmp, name=vm.name, timeout=min(timeout, 5.0))
+                try:
+                    with contextlib.suppress(SealvmError):
+                        await execute(qmp, "quit")
+                finally:
+                    await disconnect(qmp)
+            if not await old.wait_exit(timeout):
+                await old.kill()
+        finally:
+            old.close()
+        report.actions.append(f"old QEMU (pid {start['old_pid']}) quit")
+    if qmp_next.exists():
+        os.replace(qmp_next, paths.qmp)
+    spawned: dict[str, Any] = journal.get("spawned")
+    if spawned:
+        vm.state.argv = spawned["argv"]
+        vm.state.fds = spawned["fds"]
+    else:
+        argv = procfs.cmdline(new_pid)
+        if argv:
+            vm.state.argv = argv
+    vm.state.pid = new_pid
+    vm.state.start_time = procfs.start_time(new_pid) or 0
+    _record(vm, start["qemu"])
+    report.outcome = "completed"
+    report.pid = new_pid
+    report.guest = guest
+
+
+__all__ = ["RecoverReport", "plan_recovery", "recover"]

@@ -1,0 +1,291 @@
+"""
+The fault matrix, on the real QEMU: the controller (`sealvm update`, its own
+process) is SIGKILLed at every step of each mode, the new and the old QEMU
+are killed or hung at the steps that matter, the new binary crashes, exits
+or hangs, the device-state file has no room.  Then `sealvm recover` runs (as
+an operator would), and every case must end with exactly one QEMU running
+the guest (paused if it was paused), its heartbeat never reset, a complete
+verified pattern pass with zero mismatches, and nothing of the update left.
+
+Faults are injected with ``SEALVM_FAULT=ACTION@STEP`` (sealvm.update.journal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import qemus_mentioning
+from sealvm import procfs
+from sealvm.console import ConsoleFollower, read_console
+from sealvm.machine import read_state
+from sealvm.plan import RunPaths
+from sealvm.process import QemuProcess
+
+from .conftest import ROWS
+
+SEALVM = [sys.executable, "-m", "sealvm.cli"]
+NAME = "fvm"
+
+
+class Operator:
+    """The CLI, one process per verb, as an operator runs it."""
+
+    def __init__(self, run_root: Path) -> None:
+        self.run_root = run_root
+        self.paths = RunPaths(run_root / NAME)
+        self.env = dict(os.environ, SEALVM_RUN_DIR=str(run_root))
+        self.env.pop("SEALVM_FAULT", None)
+
+    def run(self, *args: str, fault: str | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env, **({"SEALVM_FAULT": fault} if fault else {}))
+        return subprocess.run([*SEALVM, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def json(self, *args: str, rc: int | None = 0, fault: str | None = None) -> Any:
+        p = self.run(*args, "--json", fault=fault)
+        if rc is not None:
+            assert p.returncode == rc, f"{args}: rc {p.returncode}\n{p.stdout}\n{p.stderr}"
+        return json.loads(p.stdout) if p.stdout.strip() else {"rc": p.returncode}
+
+    def guest(self) -> str:
+        return str(self.json("qmp", NAME, "query-status")["return"]["status"])
+
+
+@pytest.fixture
+def op(run_root: Path, tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[Operator]:
+    spec = tmp_path / "fvm.toml"
+    spec.write_text(f'name = "{NAME}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
+                    f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+    o = Operator(run_root)
+    o.json("up", str(spec))
+    yield o
+    o.run("down", NAME)
+    # a case that left a QEMU of this VM behind fails in run_root's teardown
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+async def holders_gone(pid: int, run_root: Path) -> None:
+    """cpr-exec's address-space holder (a CLONE_VM child of QEMU, patch 20)
+    lives until the guest runs again, or 10 s when it stays paused."""
+    for other in qemus_mentioning(str(run_root)):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if ppid(other) == pid:
+                proc = QemuProcess(other)
+                assert await proc.wait_exit(15), f"holder {other} of QEMU {pid} stays"
+                proc.close()
+
+
+def leftovers(paths: RunPaths) -> list[str]:
+    files = [paths.journal, paths.cpr_state, paths.cpr_sock, paths.main_sock,
+             *paths.root.glob("qmp-next-*")]
+    return [p.name for p in files if p.exists()]
+
+
+async def verify(op: Operator, *, case: str, update: str, recover: str,
+                 paused: bool = False) -> None:
+    """Exactly one QEMU with the guest; its memory intact through a full pass."""
+    state = read_state(op.paths)
+    assert state is not None and state.alive(), "no live QEMU recorded for the VM"
+    await holders_gone(state.pid, op.run_root)
+    assert qemus_mentioning(str(op.run_root)) == [state.pid], "not exactly one QEMU"
+    left = leftovers(op.paths)
+    guest = op.guest()
+    assert guest == ("paused" if paused else "running"), f"guest is {guest}"
+    if paused:
+        assert op.json("resume", NAME)["status"] == "running"
+    async with ConsoleFollower(op.paths.serial) as con:
+        await con.wait_heartbeats(2, 60)
+        gen = con.log.heartbeats[-1].int("gen")
+        await con.wait_for(lambda log: any(p.gen > gen for p in log.passes), 120)
+        passed = [p for p in con.log.passes if p.gen > gen]
+    log = read_console(op.paths.serial)
+    assert log.reboots == 0, "the guest rebooted"
+    assert log.counter_continuous(), "heartbeat counter reset or skipped"
+    assert not log.mismatches and passed[0].mismatches == 0, "guest memory damaged"
+    assert log.heartbeats[-1].int("mism") == 0
+    ROWS.append({"case": case, "update": update, "recover": recover,
+                 "guest": f"{'paused, ' if paused else ''}pass {passed[0].gen} ok",
+                 "leftovers": ", ".join(left)})
+    assert not left, f"left behind: {left}"
+    # and the VM still updates, in both modes
+    for mode in ("exec", "transfer"):
+        assert op.json("update", NAME, "--mode", mode)["ram_inode_unchanged"]
+
+
+def outcome_of(p: Any) -> str:
+    if p.get("rc") == -signal.SIGKILL:
+        return "controller killed"
+    return str(p.get("outcome") or p.get("error") or "ok")
+
+
+async def run_case(op: Operator, *, mode: str, fault: str, expect_update: str,
+                   expect_recover: str, paused: bool = False, case: str = "") -> None:
+    if paused:
+        assert op.json("pause", NAME)["status"] == "paused"
+    p = op.run("update", NAME, "--mode", mode, "--json", "--timeout", "20", fault=fault)
+    if p.returncode == -signal.SIGKILL:
+        upd = "controller killed"
+    else:
+        out = json.loads(p.stdout)
+        upd = str(out.get("outcome") or ("completed" if p.returncode == 0 else out["error"]))
+    assert upd == expect_update, f"update: {upd}\n{p.stdout}\n{p.stderr}"
+    st = op.run("status", NAME, "--json")
+    assert st.returncode == 0, st.stderr
+    interrupted = json.loads(st.stdout).get("interrupted_update")
+    assert bool(interrupted) == (upd == "controller killed" or expect_recover != "none"), \
+        interrupted
+    rec = op.json("recover", NAME, rc=None)
+    assert rec.get("outcome") == expect_recover, rec
+    await verify(op, case=case or f"{mode} {fault}", update=upd, recover=rec["outcome"],
+                 paused=paused)
+
+
+# ----------------------------------------------- the controller dies at every step
+
+EXEC_STEPS = [("begin", "rolled-back"), ("migrate", "rolled-back"),
+              ("migrate-sent", None), ("exec", "completed"), ("loaded", "completed"),
+              ("resumed", "completed")]
+TRANSFER_STEPS = [("begin", "rolled-back"), ("spawn", "rolled-back"),
+                  ("spawned", "rolled-back"), ("migrate", "rolled-back"),
+                  ("migrate-sent", None), ("loaded", "completed"),
+                  ("resumed", "completed"), ("old-quit", "completed")]
+
+
+@pytest.mark.parametrize(("mode", "step", "expect"),
+                         [("exec", s, e) for s, e in EXEC_STEPS] +
+                         [("transfer", s, e) for s, e in TRANSFER_STEPS],
+                         ids=[f"exec-{s}" for s, _ in EXEC_STEPS] +
+                         [f"transfer-{s}" for s, _ in TRANSFER_STEPS])
+async def test_controller_killed(op: Operator, mode: str, step: str,
+                                 expect: str | None) -> None:
+    """SIGKILL of `sealvm update` right after *step*; `recover` finishes or
+    rolls back.  *expect* None: either, depending on how far QEMU got (the
+    command was sent, the reply not awaited)."""
+    fault = f"kill-controller@{step}"
+    if expect is None:
+        p = op.run("update", NAME, "--mode", mode, "--json", fault=fault)
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        rec = op.json("recover", NAME, rc=None)
+        assert rec["outcome"] in ("completed", "rolled-back"), rec
+        await verify(op, case=f"{mode} {fault}", update="controller killed",
+                     recover=rec["outcome"])
+        return
+    await run_case(op, mode=mode, fault=fault, expect_update="controller killed",
+                   expect_recover=expect)
+
+
+# --------------------------------------------------- the QEMUs die or hang
+
+@pytest.mark.parametrize(("fault", "expect"), [
+    ("kill-new@spawned", "rolled-back"),      # before the load
+    ("kill-new@migrate-sent", "rolled-back"),  # during the load
+    ("kill-new@loaded", "rolled-back"),        # loaded, not yet resumed
+    ("stop-new@migrate-sent", "rolled-back"),  # hangs during the load
+    ("kill-old@loaded", "completed"),          # after the switchover
+])
+async def test_qemu_dies_in_transfer(op: Operator, fault: str, expect: str) -> None:
+    await run_case(op, mode="transfer", fault=fault, expect_update=expect,
+                   expect_recover="none")
+
+
+def bad_binary(tmp: Path, real: Path, how: str) -> Path:
+    """A 'new QEMU' that answers preflight like *real*, then crashes, exits
+    or hangs when started for the update."""
+    script = tmp / f"qemu-{how}"
+    script.write_text(f"""#!{sys.executable}
+import os, signal, sys
+args = sys.argv[1:]
+if args[:1] not in (["--version"], ["-machine"]):
+    if {how!r} == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if {how!r} == "exit":
+        sys.exit(1)
+    if {how!r} == "hang":
+        os.kill(os.getpid(), signal.SIGSTOP)
+os.execv({str(real)!r}, [{str(real)!r}] + args)
+""")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("how", ["segv", "exit", "hang"])
+async def test_new_binary_fails_in_transfer(op: Operator, tmp_path: Path, qemu_binary: Path,
+                                            how: str) -> None:
+    bad = bad_binary(tmp_path, qemu_binary, how)
+    p = op.run("update", NAME, "--mode", "transfer", "--qemu", str(bad), "--json",
+               "--timeout", "15")
+    out = json.loads(p.stdout)
+    assert p.returncode == 5 and out["outcome"] == "rolled-back", p.stdout + p.stderr
+    await verify(op, case=f"transfer new binary {how}s", update="rolled-back", recover="none")
+
+
+# --------------------------------------------------------- the guest's run state
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+async def test_paused_guest_stays_paused(op: Operator, mode: str) -> None:
+    await run_case(op, mode=mode, fault="", expect_update="completed", expect_recover="none",
+                   paused=True, case=f"{mode} of a paused guest")
+
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+async def test_paused_guest_controller_killed_after_load(op: Operator, mode: str) -> None:
+    await run_case(op, mode=mode, fault="kill-controller@loaded",
+                   expect_update="controller killed", expect_recover="completed", paused=True)
+
+
+# ------------------------------------------------------------- one VM, one controller
+
+def test_second_update_is_refused_or_waits(op: Operator) -> None:
+    """While one controller holds the VM, a second fails at once naming it
+    (exit 7), or waits with --wait and then succeeds."""
+    hold = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from sealvm.lock import VmLock\n"
+         "l = VmLock(__import__('pathlib').Path(sys.argv[1]), 'fvm'); l.acquire('test')\n"
+         "print('held', flush=True); sys.stdin.readline()",
+         str(op.paths.lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout is not None and hold.stdout.readline() == "held\n"
+        busy = op.json("update", NAME, rc=7)
+        assert busy["error"] == "StateError" and f"pid {hold.pid}" in busy["message"]
+        waiter = subprocess.Popen([*SEALVM, "update", NAME, "--wait", "--json"], env=op.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert hold.stdin is not None
+        hold.stdin.write("\n")
+        hold.stdin.flush()
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        assert json.loads(out)["ram_inode_unchanged"]
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+def test_corrupt_state_file_is_named_and_kept(op: Operator, tmp_path: Path) -> None:
+    good = op.paths.state.read_bytes()
+    pid = json.loads(good)["pid"]
+    op.paths.state.write_text("{ not json")
+    try:
+        spec = tmp_path / "fvm.toml"
+        out = op.json("up", str(spec), rc=7)
+        assert str(op.paths.state) in out["message"]
+        assert op.paths.qmp.is_socket() and procfs.pid_alive(pid)
+        assert op.json("status", NAME, rc=7)["error"] == "StateError"
+    finally:
+        op.paths.state.write_bytes(good)
+    assert op.guest() == "running"
