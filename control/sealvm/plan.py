@@ -64,6 +64,11 @@ class RunPaths:
         return self.root / "migrate.sock"
 
     @property
+    def keeper_sock(self) -> Path:
+        """cpr-exec's keeper (the way back) listens here during an update."""
+        return self.root / "keeper.sock"
+
+    @property
     def journal(self) -> Path:
         """The journal of the update in progress (absent when none is)."""
         return self.root / "update.journal"

@@ -90,10 +90,16 @@ async def holders_gone(pid: int, run_root: Path) -> None:
                 proc.close()
 
 
+def ram_inodes(pid: int) -> dict[str, int]:
+    return {m.name: m.inode for m in procfs.memfds(pid)}
+
+
 def leftovers(paths: RunPaths) -> list[str]:
     files = [paths.journal, paths.cpr_state, paths.cpr_sock, paths.main_sock,
-             *paths.root.glob("qmp-next-*")]
-    return [p.name for p in files if p.exists()]
+             paths.keeper_sock, *paths.root.glob("qmp-next-*")]
+    keepers = [f"keeper pid {p}" for p in procfs.pids_with_arg(paths.root.name)
+               if "sealvm.update.wayback" in (procfs.cmdline(p) or [])]
+    return [p.name for p in files if p.exists()] + keepers
 
 
 async def verify(op: Operator, *, case: str, update: str, recover: str,
@@ -191,16 +197,34 @@ async def test_controller_killed(op: Operator, mode: str, step: str,
 
 # --------------------------------------------------- the QEMUs die or hang
 
-@pytest.mark.parametrize(("fault", "expect"), [
-    ("kill-new@spawned", "rolled-back"),      # before the load
-    ("kill-new@migrate-sent", "rolled-back"),  # during the load
-    ("kill-new@loaded", "rolled-back"),        # loaded, not yet resumed
-    ("stop-new@migrate-sent", "rolled-back"),  # hangs during the load
-    ("kill-old@loaded", "completed"),          # after the switchover
+@pytest.mark.parametrize(("mode", "fault", "expect"), [
+    ("transfer", "kill-new@spawned", "rolled-back"),      # before the load
+    ("transfer", "kill-new@migrate-sent", "rolled-back"),  # during the load
+    ("transfer", "kill-new@loaded", "rolled-back"),        # loaded, not yet resumed
+    ("transfer", "stop-new@migrate-sent", "rolled-back"),  # hangs during the load
+    ("transfer", "kill-old@loaded", "completed"),          # after the switchover
+    # cpr-exec: the new image is the same process; the way back is the keeper
+    ("exec", "kill-new@exec", "rolled-back"),              # before the load
+    ("exec", "stop-new@exec", "rolled-back"),              # hangs in the load
+    ("exec", "kill-new@loaded", "rolled-back"),            # loaded, not yet resumed
 ])
-async def test_qemu_dies_in_transfer(op: Operator, fault: str, expect: str) -> None:
-    await run_case(op, mode="transfer", fault=fault, expect_update=expect,
-                   expect_recover="none")
+async def test_qemu_dies(op: Operator, mode: str, fault: str, expect: str) -> None:
+    await run_case(op, mode=mode, fault=fault, expect_update=expect, expect_recover="none")
+
+
+@pytest.mark.parametrize("step", ["exec", "loaded"])
+async def test_controller_and_new_qemu_die(op: Operator, step: str) -> None:
+    """cpr-exec: the controller dies, then the new image too, before the guest
+    ran there: `recover` starts the previous QEMU through the keeper."""
+    p = op.run("update", NAME, "--mode", "exec", "--json",
+               fault=f"kill-controller@{step}")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    pid = json.loads(op.paths.journal.read_text().splitlines()[0])["old_pid"]
+    os.kill(pid, signal.SIGKILL)
+    rec = op.json("recover", NAME, rc=5)
+    assert rec["outcome"] == "rolled-back", rec
+    await verify(op, case=f"exec kill-controller@{step} + kill-new", update="controller killed",
+                 recover=rec["outcome"])
 
 
 def bad_binary(tmp: Path, real: Path, how: str) -> Path:
@@ -223,15 +247,25 @@ os.execv({str(real)!r}, [{str(real)!r}] + args)
     return script
 
 
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
 @pytest.mark.parametrize("how", ["segv", "exit", "hang"])
-async def test_new_binary_fails_in_transfer(op: Operator, tmp_path: Path, qemu_binary: Path,
-                                            how: str) -> None:
+async def test_new_binary_fails(op: Operator, tmp_path: Path, qemu_binary: Path,
+                                how: str, mode: str) -> None:
+    """cpr-transfer: the old QEMU resumes.  cpr-exec: the previous binary is
+    started on the same memory and device state (the way back)."""
     bad = bad_binary(tmp_path, qemu_binary, how)
-    p = op.run("update", NAME, "--mode", "transfer", "--qemu", str(bad), "--json",
+    before = read_state(op.paths)
+    assert before is not None
+    pid, inodes = before.pid, ram_inodes(before.pid)
+    p = op.run("update", NAME, "--mode", mode, "--qemu", str(bad), "--json",
                "--timeout", "15")
     out = json.loads(p.stdout)
     assert p.returncode == 5 and out["outcome"] == "rolled-back", p.stdout + p.stderr
-    await verify(op, case=f"transfer new binary {how}s", update="rolled-back", recover="none")
+    state = read_state(op.paths)
+    assert state is not None and state.argv[0] == str(qemu_binary)
+    assert (state.pid == pid) == (mode == "transfer")  # exec: the way back is a new process
+    assert ram_inodes(state.pid) == inodes, "the guest's RAM is not the same memory"
+    await verify(op, case=f"{mode} new binary {how}s", update="rolled-back", recover="none")
 
 
 # --------------------------------------------------------- the guest's run state

@@ -12,12 +12,21 @@ migrate    ``migrate`` is about to be sent to the old QEMU
 spawn      (new process modes) the new QEMU is about to be started
 spawned    its pid, start time, argv, fds, QMP socket
 exec       (cpr-exec) the new image answers on the inherited socket
+fallback   (cpr-exec) the new image failed: the previous QEMU is started
+           on the fds the keeper holds (`wayback`)
 loaded     the new QEMU has loaded the device state (paused by ``-S``)
+resuming   ``cont`` is about to be sent to the new QEMU: from here on the
+           guest may have run there, so the old state is no way back
 resumed    the new QEMU runs the guest: the fence.  From here on the
            update only goes forward
 old-quit   (new process modes) the old QEMU has exited
 end        the outcome; the file is then renamed ``last-update.journal``
 ========== ===========================================================
+
+Steps taken while the guest is paused (exec, loaded, resuming) are written
+but not fsync'd: a record only has to outlive the controller, which the
+page cache guarantees; a power loss takes QEMU and the guest with it, and
+an fsync inside the pause would lengthen every update.
 
 While ``update.journal`` exists, the VM has an interrupted update and only
 ``recover`` (`sealvm.update.recover`) may touch it.  The files the update
@@ -38,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import time
 from typing import Any
@@ -48,8 +58,10 @@ from ..plan import RunPaths
 FAULT_ENV = "SEALVM_FAULT"
 FAULT_ACTIONS = ("kill-controller", "kill-new", "kill-old", "stop-new")
 
-STEPS = ("begin", "migrate", "spawn", "spawned", "exec", "loaded", "resumed",
-         "old-quit", "end")
+STEPS = ("begin", "migrate", "spawn", "spawned", "exec", "fallback", "loaded", "resuming",
+         "resumed", "old-quit", "end")
+#: steps inside the guest's pause: written, not fsync'd (see above)
+IN_PAUSE = ("exec", "loaded", "resuming")
 
 
 def _fsync_dir(path: os.PathLike[str] | str) -> None:
@@ -144,14 +156,16 @@ class Journal:
     # ----------------------------------------------------------------- writing
 
     def record(self, step: str, **data: Any) -> None:
-        """Append *step* and make it durable before returning."""
+        """Append *step*; before returning it is durable (fsync'd), or for a
+        step inside the pause, in the page cache."""
         assert step in STEPS, step
         rec = {"step": step, "time": time.time(), **data}
         line = json.dumps(rec, default=str) + "\n"
         fd = os.open(self.paths.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             os.write(fd, line.encode())
-            os.fsync(fd)
+            if step not in IN_PAUSE:
+                os.fsync(fd)
         finally:
             os.close(fd)
         self.records.append(rec)
@@ -166,8 +180,18 @@ class Journal:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action in ("kill-new", "kill-old", "stop-new"):
             pid = self.pids.get(action.split("-")[1])
-            if pid is not None:
-                os.kill(pid, signal.SIGSTOP if action == "stop-new" else signal.SIGKILL)
+            if pid is None:
+                return
+            if action == "stop-new":
+                os.kill(pid, signal.SIGSTOP)
+                return
+            # a crash at this point, not some time later: wait until it is dead
+            pidfd = os.pidfd_open(pid)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                select.select([pidfd], [], [], 10.0)
+            finally:
+                os.close(pidfd)
         else:
             raise ValueError(f"{FAULT_ENV}: unknown action {action!r} "
                              f"(one of {', '.join(FAULT_ACTIONS)})")

@@ -128,25 +128,9 @@ async def incoming(qmp: QMPClient, args: dict[str, object] | None, *, deadline: 
     listener = EventListener(("MIGRATION",))
     died = asyncio.ensure_future(proc.exited.wait())
     try:
-        with qmp.listen(listener):
-            await execute(qmp, "migrate-set-capabilities", EVENTS_ON)
-            if args is not None:
-                await execute(qmp, "migrate-incoming", args)
-            if then is not None:
-                await then()
-            if (await migration_status(qmp))[0] == "completed":
-                return
-            while True:
-                ev = await event_or(listener, died, deadline)
-                if ev is None:
-                    raise UpdateError("new QEMU failed to load the device state (it exited):\n"
-                                      f"{log_tail()}", rolled_back=False)
-                st = ev["data"]["status"]
-                if st == "completed":
-                    return
-                if st in ("failed", "cancelled"):
-                    raise UpdateError("new QEMU failed to load the device state:\n"
-                                      f"{log_tail()}", rolled_back=False)
+        async with asyncio.timeout_at(deadline):  # a hung QEMU answers nothing
+            await _incoming(qmp, args, listener=listener, died=died, deadline=deadline,
+                            log_tail=log_tail, then=then)
     except TimeoutError:
         raise UpdateError("new QEMU did not load the device state in time",
                           rolled_back=False) from None
@@ -156,16 +140,42 @@ async def incoming(qmp: QMPClient, args: dict[str, object] | None, *, deadline: 
         died.cancel()
 
 
+async def _incoming(qmp: QMPClient, args: dict[str, object] | None, *,
+                    listener: EventListener, died: asyncio.Future[Any], deadline: float,
+                    log_tail: Callable[[], str],
+                    then: Callable[[], Awaitable[None]] | None) -> None:
+    with qmp.listen(listener):
+        await execute(qmp, "migrate-set-capabilities", EVENTS_ON)
+        if args is not None:
+            await execute(qmp, "migrate-incoming", args)
+        if then is not None:
+            await then()
+        if (await migration_status(qmp))[0] == "completed":
+            return
+        while True:
+            ev = await event_or(listener, died, deadline)
+            if ev is None:
+                raise UpdateError("new QEMU failed to load the device state (it exited):\n"
+                                  f"{log_tail()}", rolled_back=False)
+            st = ev["data"]["status"]
+            if st == "completed":
+                return
+            if st in ("failed", "cancelled"):
+                raise UpdateError("new QEMU failed to load the device state:\n"
+                                  f"{log_tail()}", rolled_back=False)
+
+
 async def resume(qmp: QMPClient, *, deadline: float) -> float:
     """``cont``; returns the RESUME event's timestamp.
 
-    :raise StateError, QMPReplyError: when the command fails.
+    :raise QMPReplyError: when QEMU refused ``cont`` (the guest did not run).
+    :raise StateError: when the connection went (it may have run).
     :raise TimeoutError: at *deadline*.
     """
     listener = EventListener(("RESUME",))
     with qmp.listen(listener):
-        await execute(qmp, "cont")
         async with asyncio.timeout_at(deadline):
+            await execute(qmp, "cont")
             return event_time(dict(await listener.get()))
 
 

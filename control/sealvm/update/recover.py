@@ -34,13 +34,14 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from .. import procfs
-from ..errors import SealvmError, StateError
+from ..errors import SealvmError, StateError, UpdateError
 from ..lock import VmLock
 from ..machine import Machine, default_run_root, read_state
 from ..plan import RunPaths, name_arg
 from ..process import QemuProcess
 from ..spec import spec_from_dict
 from .context import remove
+from .cpr_exec import fall_back
 from .journal import Journal
 from .monitor import (
     MIGRATING,
@@ -54,6 +55,7 @@ from .monitor import (
     settle_outgoing,
     status,
 )
+from .wayback import Keeper
 
 
 @dataclass
@@ -147,30 +149,65 @@ def _is_new_image(journal: Journal, pid: int) -> bool:
 async def _recover_exec(vm: Machine, journal: Journal, report: RecoverReport,
                         deadline: float, timeout: float) -> None:
     start, paths = journal.start, vm.paths
-    assert vm.state is not None
     pid = start["old_pid"]
-    was_running = bool(start["was_running"])
-    for _ in range(3):  # old image mid-migration -> exec: look again
-        if not procfs.same_process(pid, start["old_start_time"]):
-            report.outcome = "lost"
-            report.actions.append(f"QEMU (pid {pid}) is gone: the guest is lost")
-            return
-        new_image = _is_new_image(journal, pid)
-        qmp = await connect(paths.qmp, name=vm.name, timeout=timeout)
-        try:
-            if not new_image:
-                if await settle_outgoing(qmp, deadline=deadline, cancel=False):
-                    continue  # it exec'd meanwhile
-                await _take_back(qmp, was_running, report)
-                report.outcome = "rolled-back"
-            else:
-                await _finish_exec(vm, qmp, journal, report, deadline)
+    keeper = Keeper.of(paths, journal.get("migrate").get("keeper", {}))
+    # cont may have reached the new image: from then on the saved state is
+    # no way back (the guest may have run on)
+    ran = journal.has("resuming") or journal.has("resumed")
+    try:
+        why = ""
+        for _ in range(3):  # old image mid-migration -> exec: look again
+            if not procfs.same_process(pid, start["old_start_time"]):
+                why = f"QEMU (pid {pid}) is gone"
+                break
+            new_image = _is_new_image(journal, pid)
+            try:
+                qmp = await connect(paths.qmp, name=vm.name, timeout=timeout)
+            except StateError as exc:
+                why = f"QEMU (pid {pid}) does not answer: {exc}"
+                break
+            try:
+                if not new_image:
+                    if await settle_outgoing(qmp, deadline=deadline, cancel=False):
+                        continue  # it exec'd meanwhile
+                    await _take_back(qmp, bool(start["was_running"]), report)
+                    report.outcome = "rolled-back"
+                    report.pid = pid
+                    return
+                try:
+                    await _finish_exec(vm, qmp, journal, report, deadline)
+                except UpdateError as exc:  # the load failed
+                    why = str(exc)
+                    break
                 report.outcome = "completed"
-            report.pid = pid
+                report.pid = pid
+                return
+            finally:
+                await disconnect(qmp)
+        else:
+            raise StateError(f"VM {vm.name}: QEMU (pid {pid}) keeps changing; "
+                             "run recover again")
+        if ran:
+            if procfs.same_process(pid, start["old_start_time"]):
+                raise StateError(f"VM {vm.name}: {why}; the guest may have run on the new "
+                                 "QEMU, so the saved state is no way back: run recover "
+                                 "again, or `sealvm down`")
+            report.outcome = "lost"
+            report.actions.append(f"{why} after the guest ran on it: the guest is lost")
             return
-        finally:
-            await disconnect(qmp)
-    raise StateError(f"VM {vm.name}: QEMU (pid {pid}) keeps changing; run recover again")
+        if keeper is None:
+            report.outcome = "lost"
+            report.actions.append(f"{why} and no keeper holds the guest: the guest is lost")
+            return
+        report.pid = await fall_back(vm, journal, keeper, why=why, timeout=timeout)
+        keeper = None  # released by fall_back
+        report.outcome = "rolled-back"
+        report.guest = "running" if start["was_running"] else "paused"
+        report.actions.append(f"{why}: started the previous QEMU (pid {report.pid}) on the "
+                              "memory and device state the keeper held")
+    finally:
+        if keeper is not None:
+            await keeper.release()
 
 
 async def _take_back(qmp: QMPClient, was_running: bool, report: RecoverReport) -> None:
@@ -203,6 +240,7 @@ async def _finish_exec(vm: Machine, qmp: QMPClient, journal: Journal, report: Re
                               (" (sent migrate-incoming)" if args else ""))
         guest = await status(qmp)
     if start["was_running"] and guest != "running":
+        journal.record("resuming")
         await resume(qmp, deadline=deadline)
         report.actions.append("resumed the guest on the new image")
         guest = "running"
@@ -266,10 +304,13 @@ async def _recover_transfer(vm: Machine, journal: Journal, report: RecoverReport
             await proc.kill()
             proc.close()
             report.actions.append(f"killed the new QEMU (pid {new_pid})")
-        if not old_alive:
+        if not old_alive or journal.has("resuming"):
             report.outcome = "lost"
-            report.actions.append(f"old QEMU (pid {start['old_pid']}) is gone and the new "
-                                  "one never had the guest: the guest is lost")
+            report.actions.append(
+                f"old QEMU (pid {start['old_pid']}) is gone and the new one never had the "
+                "guest: the guest is lost" if not old_alive else
+                "the new QEMU died after it was told to resume the guest: the old one's "
+                "state is no way back; the guest is lost")
             return
         qmp = await connect(paths.qmp, name=vm.name, timeout=timeout)
         try:
@@ -290,6 +331,7 @@ async def _forward(vm: Machine, journal: Journal, report: RecoverReport, new_pid
     start, paths = journal.start, vm.paths
     guest = await status(new_qmp)
     if start["was_running"] and guest != "running":
+        journal.record("resuming")
         await resume(new_qmp, deadline=deadline)
         report.actions.append("resumed the guest on the new QEMU")
         guest = "running"

@@ -29,7 +29,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from .. import procfs
-from ..errors import LaunchError, SealvmError, UpdateError
+from ..errors import LaunchError, QMPReplyError, SealvmError, UpdateError
 from ..machine import listen_unix
 from ..plan import FdPlan
 from ..process import QemuProcess
@@ -54,6 +54,11 @@ MIGRATE_BANDWIDTH = 1 << 40
 class _RollBack(Exception):
     """Internal: the new QEMU failed before the fence; the old one takes the
     guest back."""
+
+
+class _Unsure(Exception):
+    """Internal: ``cont`` went to the new QEMU but no answer came back: the
+    guest may have run there, so the old QEMU is no way back."""
 
 
 @dataclass
@@ -119,6 +124,17 @@ async def run(ctx: UpdateContext, *, cpr: bool) -> None:
             if succ.qmp is None or not await _runs_guest(succ.qmp):
                 raise
             vm.logger.warning("new QEMU runs the guest despite %r: going forward", exc)
+            journal.record("resumed", running=True)
+        except _Unsure as exc:
+            if succ.qmp is None or not proc.alive():
+                journal.end("lost", error=str(exc))
+                raise UpdateError(f"{what} to {ctx.qemu}: {exc}; the new QEMU died after "
+                                  "it was told to resume the guest: the guest is lost",
+                                  rolled_back=False) from exc
+            vm.logger.warning("%s: going forward with the new QEMU", exc)
+            with contextlib.suppress(SealvmError):
+                if not await _runs_guest(succ.qmp):
+                    await execute(succ.qmp, "cont")
             journal.record("resumed", running=True)
         fenced = True
         # ---- the fence: from here on, only forward
@@ -217,10 +233,16 @@ async def _switch(ctx: UpdateContext, succ: _Successor, channels: list[dict[str,
         journal.record("loaded")
         clock.mark("load")
         if ctx.was_running:
+            if not proc.alive():
+                raise _RollBack("new QEMU died after loading the device state")
+            journal.record("resuming")
             try:
                 resume_ts = await resume(new, deadline=ctx.deadline)
-            except (SealvmError, TimeoutError) as exc:
+            except QMPReplyError as exc:  # refused: the guest did not run there
                 raise _RollBack(f"new QEMU did not resume the guest: {exc}") from exc
+            except (SealvmError, TimeoutError) as exc:  # it may have run there
+                raise _Unsure(f"new QEMU did not confirm it resumed the guest: "
+                              f"{exc}") from exc
             if stop_ts is not None:
                 report.pause_qmp = resume_ts - stop_ts
             clock.mark("resume")

@@ -1,0 +1,281 @@
+"""
+cpr-exec's way back: a keeper that holds the guest's fds across the exec.
+
+Without it, cpr-exec is one-way: once the old image has exec()d, a new QEMU
+that crashes, exits or hangs while loading takes the guest with it.  With
+it, QEMU exec()s a small trampoline (data/exec-trampoline.c) first, which
+hands a copy of every fd the old QEMU preserved for cpr-exec (guest-RAM
+memfds, the CPR state memfd, the QMP listener, VFIO fds) to the keeper
+over a unix socket (SCM_RIGHTS, with their numbers), then exec()s the new
+QEMU.  The keeper, a process of its own that outlives the controller, can
+then start the *previous* QEMU on the same fds, at the same numbers, with
+the CPR state: it loads the device-state file and resumes the guest, which
+never ran on the new QEMU (that one waits with ``-S``).
+
+The keeper is started for each cpr-exec before ``migrate`` and released
+when the update ends (by the controller or by `recover`).  Protocol, one
+request per connection, one line each::
+
+    fds state=N A B C ...   (+ SCM_RIGHTS)  -> "k"   the trampoline
+    status                                  -> {"held": [A, B, ...], "state": N}
+    fallback {"argv": [...], "log": PATH}   -> {"pid": P}
+    release                                 -> "k", and the keeper exits
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .. import procfs
+from ..errors import HostError, StateError
+from ..plan import RunPaths
+from ..process import QemuProcess
+
+#: the keeper gives up (closing every fd) if nobody releases it by then
+MAX_LIFETIME = 3600.0
+_SOURCE = "exec-trampoline.c"
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("SEALVM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sealvm"
+
+
+def trampoline() -> Path:
+    """The trampoline binary, built from its source on first use (cached by
+    content under $SEALVM_CACHE/trampoline, or $SEALVM_TRAMPOLINE).
+
+    :raise HostError: when it cannot be built (no C compiler, no static libc).
+    """
+    env = os.environ.get("SEALVM_TRAMPOLINE")
+    if env:
+        return Path(env)
+    source = resources.files("sealvm.update").joinpath("data", _SOURCE).read_bytes()
+    key = hashlib.sha256(source).hexdigest()[:16]
+    dest = _cache_root() / "trampoline" / key / "sealvm-exec-trampoline"
+    if dest.is_file():
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        return _build(source, dest)
+    except OSError:  # a read-only cache (the nested L1 sees the host's): build aside
+        tmp = Path(tempfile.mkdtemp(prefix="sealvm-trampoline-"))
+        return _build(source, tmp / "sealvm-exec-trampoline")
+
+
+def _build(source: bytes, dest: Path) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise HostError("cpr-exec's way back needs a C compiler to build its trampoline "
+                        "once (or $SEALVM_TRAMPOLINE)")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+        src = Path(work) / _SOURCE
+        src.write_bytes(source)
+        out = Path(work) / "t"
+        p = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(src)],
+                           capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise HostError(f"building the cpr-exec trampoline failed: {p.stderr.strip()}")
+        os.chmod(out, 0o755)
+        os.replace(out, dest)
+    return dest
+
+
+# ------------------------------------------------------------------ client
+
+
+class Keeper:
+    """The controller's handle on a keeper process."""
+
+    def __init__(self, paths: RunPaths, pid: int, start_time: int) -> None:
+        self.paths = paths
+        self.pid = pid
+        self.start_time = start_time
+
+    @classmethod
+    def start(cls, paths: RunPaths) -> Keeper:
+        """Start a keeper listening at ``paths.keeper_sock``.
+
+        :raise HostError: when it cannot be started.
+        """
+        from ..machine import listen_unix
+
+        listener = listen_unix(paths.keeper_sock)
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "sealvm.update.wayback", "--fd",
+                 str(listener.fileno()), "--name", paths.root.name],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=[listener.fileno()], start_new_session=True)
+        except OSError as exc:
+            raise HostError(f"cannot start the cpr-exec keeper: {exc}") from exc
+        finally:
+            listener.close()
+        return cls(paths, p.pid, procfs.start_time(p.pid) or 0)
+
+    @classmethod
+    def of(cls, paths: RunPaths, record: dict[str, Any]) -> Keeper | None:
+        """The keeper a journal record names, if it is still alive."""
+        if not record or not procfs.same_process(record["pid"], record["start_time"]):
+            return None
+        return cls(paths, int(record["pid"]), int(record["start_time"]))
+
+    def record(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    def alive(self) -> bool:
+        return procfs.same_process(self.pid, self.start_time)
+
+    def _request(self, line: str, timeout: float) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.paths.keeper_sock))
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    async def request(self, line: str, timeout: float = 10.0) -> bytes:
+        """:raise StateError: when the keeper does not answer."""
+        try:
+            return await asyncio.to_thread(self._request, line, timeout)
+        except OSError as exc:
+            raise StateError(f"cpr-exec keeper (pid {self.pid}): {exc}") from exc
+
+    async def held(self) -> list[int]:
+        """The fd numbers (in QEMU) the keeper holds copies of."""
+        reply = json.loads(await self.request("status"))
+        return [int(n) for n in reply["held"]] if reply.get("state") is not None else []
+
+    async def fall_back(self, argv: list[str], log: Path) -> int:
+        """Start *argv* (the previous QEMU) on the fds held; returns its pid.
+
+        :raise StateError: when the keeper holds nothing or cannot start it.
+        """
+        reply = json.loads(await self.request(
+            "fallback " + json.dumps({"argv": argv, "log": str(log)})))
+        if "pid" not in reply:
+            raise StateError(f"cpr-exec keeper could not start {argv[0]}: "
+                             f"{reply.get('error', reply)}")
+        return int(reply["pid"])
+
+    async def release(self) -> None:
+        """Let the keeper close everything and exit (idempotent)."""
+        if self.alive():
+            proc = QemuProcess(self.pid)
+            try:
+                with contextlib.suppress(StateError):
+                    await self.request("release", timeout=5.0)
+                if not await proc.wait_exit(5.0):  # it exits right after answering
+                    await proc.kill()
+            finally:
+                proc.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.keeper_sock.unlink()
+
+
+# ------------------------------------------------------------------ server
+
+
+def _spawn(argv: list[str], held: dict[int, int], state: int, log: str) -> int:
+    """posix_spawn *argv* with each held fd at its number in the old QEMU."""
+    top = max([*held, 2]) + 1
+    moved = {num: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top + 64) for num, fd in held.items()}
+    logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        actions: list[tuple[int, int, int]] = [
+            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
+            (os.POSIX_SPAWN_DUP2, logfd, 2)]
+        actions += [(os.POSIX_SPAWN_DUP2, fd, num) for num, fd in moved.items()]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_CPR_EXEC")}
+        env["QEMU_CPR_EXEC_STATE"] = str(state)
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    finally:
+        for fd in (*moved.values(), logfd, null):
+            os.close(fd)
+
+
+def serve(listen_fd: int) -> int:
+    sock = socket.socket(fileno=listen_fd)
+    sock.settimeout(MAX_LIFETIME)
+    held: dict[int, int] = {}
+    state: int | None = None
+    deadline = time.monotonic() + MAX_LIFETIME
+    try:
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                break
+            with conn:
+                conn.settimeout(10)
+                msg, fds, _, _ = socket.recv_fds(conn, 65536, 253)
+                for fd in fds:  # received without close-on-exec: no leak into a spawn
+                    os.set_inheritable(fd, False)
+                while not msg.endswith(b"\n"):
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    msg += more
+                words = msg.decode(errors="replace").strip().split(" ", 1)
+                verb, rest = words[0], (words[1] if len(words) > 1 else "")
+                if verb == "fds":
+                    for fd in held.values():
+                        os.close(fd)
+                    head, *nums = rest.split()
+                    state = None if head == "state=-" else int(head.removeprefix("state="))
+                    held = dict(zip((int(n) for n in nums), fds, strict=True))
+                    conn.sendall(b"k")
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if verb == "status":
+                    conn.sendall(json.dumps({"held": sorted(held), "state": state}).encode())
+                elif verb == "fallback":
+                    req = json.loads(rest)
+                    if state is None or not held:
+                        reply: dict[str, Any] = {"error": "no fds were handed over"}
+                    else:
+                        try:
+                            reply = {"pid": _spawn(req["argv"], held, state, req["log"])}
+                        except OSError as exc:
+                            reply = {"error": f"{req['argv'][0]}: {exc}"}
+                    conn.sendall(json.dumps(reply).encode())
+                elif verb == "release":
+                    conn.sendall(b"k")
+                    return 0
+                else:
+                    conn.sendall(json.dumps({"error": f"unknown request {verb!r}"}).encode())
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sealvm-keeper", description=__doc__)
+    p.add_argument("--fd", type=int, required=True, help="the listening socket, inherited")
+    p.add_argument("--name", default="", help="the VM (for ps)")
+    args = p.parse_args(argv)
+    return serve(args.fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
