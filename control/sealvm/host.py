@@ -19,9 +19,12 @@ from pathlib import Path
 from . import _ffi, procfs
 from .errors import HostError
 from .spec import VfioSpec
-from .vfio import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_TYPE1v2_IOMMU
-
-VFIO_UPDATE_VADDR = 10
+from .vfio import (
+    VFIO_CHECK_EXTENSION,
+    VFIO_GET_API_VERSION,
+    VFIO_UPDATE_VADDR,
+    VFIO_TYPE1v2_IOMMU,
+)
 
 
 def vfio_cdev(dev: VfioSpec) -> Path:
@@ -97,11 +100,12 @@ class Probe:
 
 
 def probe_memfd_noexec_seal() -> Probe:
-    fd, err = _ffi._memfd_create(
-        "sealvm-probe", _ffi.MFD_CLOEXEC | _ffi.MFD_ALLOW_SEALING | _ffi.MFD_NOEXEC_SEAL)
-    if fd < 0:
-        return Probe("memfd-noexec-seal", False,
-                     f"memfd_create(MFD_NOEXEC_SEAL): {errno.errorcode.get(err, err)}")
+    try:
+        fd = os.memfd_create(
+            "sealvm-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _ffi.MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        why = errno.errorcode.get(exc.errno or 0, exc.strerror)
+        return Probe("memfd-noexec-seal", False, f"memfd_create(MFD_NOEXEC_SEAL): {why}")
     try:
         seals = procfs.get_seals(fd)
         mode = os.fstat(fd).st_mode & 0o777
@@ -123,7 +127,7 @@ def probe_memfd_noexec_sysctl() -> Probe:
 
 
 def probe_memfd_seals() -> Probe:
-    fd = _ffi.memfd_create("sealvm-probe", _ffi.MFD_CLOEXEC | _ffi.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("sealvm-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, 1 << 20)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, procfs.RAM_SEALS)
@@ -155,9 +159,9 @@ def probe_type1_update_vaddr() -> Probe:
     except OSError as exc:
         return Probe("vfio-type1-vaddr", False, f"/dev/vfio/vfio: {exc.strerror}")
     try:
-        api = _ffi.ioctl_int(fd, VFIO_GET_API_VERSION, 0)
-        type1 = _ffi.ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU)
-        vaddr = _ffi.ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR)
+        api = fcntl.ioctl(fd, VFIO_GET_API_VERSION, 0)
+        type1 = fcntl.ioctl(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU)
+        vaddr = fcntl.ioctl(fd, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR)
     except OSError as exc:
         return Probe("vfio-type1-vaddr", False, f"VFIO_CHECK_EXTENSION: {exc.strerror}")
     finally:
