@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,12 +172,16 @@ def probe_type1_update_vaddr() -> Probe:
                  f"VFIO_UPDATE_VADDR {'yes' if vaddr else 'no'}")
 
 
+#: Every probe by the name it reports, in the order `host_check` runs them.
+PROBES: dict[str, Callable[[], Probe]] = {
+    "memfd-noexec-seal": probe_memfd_noexec_seal,
+    "vm.memfd_noexec": probe_memfd_noexec_sysctl,
+    "memfd-seals": probe_memfd_seals,
+    "iommufd": probe_iommufd,
+    "vfio-type1-vaddr": probe_type1_update_vaddr,
+}
+
+
 def host_check() -> list[Probe]:
     """Every probe, in a fixed order."""
-    return [
-        probe_memfd_noexec_seal(),
-        probe_memfd_noexec_sysctl(),
-        probe_memfd_seals(),
-        probe_iommufd(),
-        probe_type1_update_vaddr(),
-    ]
+    return [probe() for probe in PROBES.values()]
