@@ -278,7 +278,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=default(False),
                         help="print one JSON object")
     common.add_argument("--run-dir", type=Path, default=default(None),
-                        help=f"VM run directories (default {default_run_root()})")
+                        help="VM run directories (default: $SEALVM_RUN_DIR, else "
+                             "/run/sealvm as root, else $XDG_RUNTIME_DIR/sealvm)")
     common.add_argument("-v", "--verbose", action="count", default=default(0))
     return common
 
