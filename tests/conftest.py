@@ -2,14 +2,20 @@
 Shared fixtures: the built QEMU and test guest, a private run directory,
 and a leak check around every test (no QEMU, socket or run file left).
 
-Capability gates skip with a reason; they never fail.
+Capability gates skip with a reason; they never fail.  But under
+``SEALVM_STRICT_SKIPS=1`` (``make test`` sets it) a skip is allowed only for
+a host fact outside the project's control (`ALLOWED_SKIPS`); any other skip
+-- a missing build of ours, an L1 that does not boot -- fails the run, and
+so does a run that collected no tests.  The session ends with every skip,
+its reason and whether it is allowed, and the allow-list itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +97,77 @@ def upstream_qemu() -> Path:
         pytest.skip(reason="no upstream QEMU: run `make test` (sets SEALVM_QEMU_UPSTREAM) "
                     "or `make qemu-upstream`")
     return Path(path)
+
+
+# ------------------------------------------------------------ strict skips
+
+#: The only skip reasons `make test` accepts: facts about the host, outside
+#: the project's control.  Whatever the project builds or boots itself (our
+#: QEMU, the test guest, the L1 kernel, L1) is never one.
+ALLOWED_SKIPS: dict[str, re.Pattern[str]] = {
+    "no free huge pages": re.compile(r"huge ?pages?", re.I),
+    "no usable KVM": re.compile(r"\bKVM\b"),
+    "not running as root": re.compile(r"\bneeds root\b"),
+    "kernel before Linux 6.3 (no vm.memfd_noexec)": re.compile(r"\bvm\.memfd_noexec\b"),
+}
+
+STRICT_SKIPS = os.environ.get("SEALVM_STRICT_SKIPS") == "1"
+_skips: list[tuple[str, str]] = []  # (test or collector id, reason)
+
+
+def allowed_skip(reason: str) -> str | None:
+    """The allow-list entry *reason* matches, or None."""
+    return next((name for name, rx in ALLOWED_SKIPS.items() if rx.search(reason)), None)
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _skips.append((report.nodeid or "(collection)", _skip_reason(report)))
+
+
+def _disallowed() -> list[tuple[str, str]]:
+    return [(node, reason) for node, reason in _skips if allowed_skip(reason) is None]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not STRICT_SKIPS:
+        return
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED) and (
+            _disallowed() or exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            exitstatus: int) -> Generator[None, None, None]:
+    """Last, after pytest's own summaries: every skip and the allow-list."""
+    yield
+    tr = terminalreporter
+    if not STRICT_SKIPS:
+        return
+    tr.section("skips (SEALVM_STRICT_SKIPS=1)")
+    for node, reason in _skips:
+        entry = allowed_skip(reason)
+        tr.line(f"{'allowed' if entry else 'NOT ALLOWED'}  {node}: {reason}"
+                + (f"  [{entry}]" if entry else ""), red=entry is None)
+    if not _skips:
+        tr.line("no test skipped")
+    tr.line("skips allowed only for these host facts: " + "; ".join(ALLOWED_SKIPS))
+    bad = _disallowed()
+    if bad:
+        tr.line(f"strict skips: FAILING the run: {len(bad)} skip(s) for a reason that is not "
+                "a host fact (see tests/conftest.py ALLOWED_SKIPS)", red=True, bold=True)
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        tr.line("strict skips: FAILING the run: no tests were collected", red=True, bold=True)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sealvm import Machine, procfs
-from sealvm.console import ConsoleFollower, ConsoleLog
+from sealvm.console import ConsoleLog
 
 
 def qemus_mentioning(text: str) -> list[int]:
@@ -34,20 +34,13 @@ def backend_memfd(vm: Machine) -> procfs.Memfd:
     return found[0]
 
 
-async def wait_full_pass(con: ConsoleFollower, timeout: float = 60.0) -> int:
-    """Wait until the guest has completed a pattern pass that started after
-    now (every word written before now has been verified); returns its gen."""
-    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
-    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
-    return max(p.gen for p in con.log.passes)
-
-
 def assert_guest_intact(log: ConsoleLog) -> None:
     """No reboot, heartbeat never reset, no pattern mismatch."""
     assert log.reboots == 0, "the guest rebooted"
     assert log.heartbeats, "no heartbeat seen"
     assert log.counter_continuous(), "heartbeat counter reset or skipped"
     assert not log.mismatches, f"guest memory mismatches: {log.mismatches[:5]}"
+    assert not log.mismatch_counter(), f"the guest counted {log.mismatch_counter()} bad words"
 
 
 def corrupt_guest_word(vm: Machine, gpa: int) -> None:

@@ -80,7 +80,9 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     assert plain.returncode == 0 and json.loads(plain.stdout) is True
 
     assert cli.json("qmp", "clivm", "no-such-command", rc=8)["error"] == "QMPReplyError"
-    assert cli.json("qmp", "clivm", "query-status", "{bad", rc=8)["error"] == "QMPReplyError"
+    for bad in ("{bad", "[1]"):  # a usage error, told before attaching to the VM
+        usage = cli.run("qmp", "clivm", "query-status", bad, "--json")
+        assert usage.returncode == 2 and "JSON-ARGS" in usage.stderr, usage.stderr
     dry = cli.json("update", "clivm", "--dry-run")
     assert dry["ok"] and {"ram", "ram-seals", "new-binary", "qemu-blockers"} <= {
         c["name"] for c in dry["checks"]}
@@ -113,3 +115,17 @@ def test_host_check(cli: Cli) -> None:
     assert {"memfd-noexec-seal", "vm.memfd_noexec", "memfd-seals", "iommufd",
             "vfio-type1-vaddr"} <= set(probes)
     assert probes["memfd-seals"]["ok"]
+    ok = [name for name, p in probes.items() if p["ok"]]
+    assert cli.json("host-check", "--require", ",".join(ok))["missing"] == []
+    missing = [name for name, p in probes.items() if not p["ok"]]
+    if missing:  # this machine has no IOMMU: /dev/iommu is missing
+        out = cli.json("host-check", "--require", f"memfd-seals,{missing[0]}", rc=10)
+        assert out["missing"] == [missing[0]]
+        text = cli.run("host-check", "--require", missing[0])
+        assert text.returncode == 10 and f"lacks {missing[0]}" in text.stdout
+
+
+def test_host_check_unknown_capability_is_a_usage_error(cli: Cli) -> None:
+    p = cli.run("host-check", "--require", "memfd-seals,warp-drive")
+    assert p.returncode == 2
+    assert "warp-drive" in p.stderr and "valid names: memfd-noexec-seal" in p.stderr

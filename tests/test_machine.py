@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sealvm import LaunchError, Machine, SpecError, StateError
+from conftest import HB_MS
+from sealvm import LaunchError, Machine, SpecError, StateError, live_update
 from sealvm.console import ConsoleFollower
 from sealvm.spec import VmSpec
 
@@ -31,6 +33,32 @@ async def test_missing_kernel_is_a_spec_error(
     spec = make_spec(guest={"kernel": str(tmp_path / "none.bin")})
     with pytest.raises(SpecError, match="guest.kernel"):
         await Machine(spec, run_root=run_root).launch()
+
+
+async def test_paths_with_commas(
+    make_spec: Callable[..., VmSpec], run_root: Path, guest_image: Path
+) -> None:
+    """Kernel, run directory (QMP socket, serial log, CPR state) under a
+    directory whose name has commas: QEMU boots the guest, the serial log
+    is where sealvm reads it, and a cpr-exec (the same argv again, the
+    state file by URI) keeps it running."""
+    odd = run_root / "a,b,,c"
+    odd.mkdir()
+    kernel = odd / "guest,1.bin"
+    shutil.copy(guest_image, kernel)
+    spec = make_spec(guest={"kernel": str(kernel), "cmdline": f"hb_ms={HB_MS}"})
+    vm = Machine(spec, run_root=odd)
+    await vm.launch()
+    try:
+        assert str(kernel) in vm.argv and "," in str(vm.paths.serial)
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await con.wait_heartbeats(2, 30)
+            report = await live_update(vm, heartbeat_interval=HB_MS / 1000)
+            assert report.pid_after == report.pid_before
+            await con.wait_heartbeats(2, 30)
+            assert con.log.counter_continuous() and con.log.reboots == 0
+    finally:
+        await vm.shutdown()
 
 
 async def test_second_launch_of_same_name_is_refused(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener, Runstate
 
-from helpers import assert_guest_intact, wait_full_pass
+from helpers import assert_guest_intact
 from sealvm import Machine, PreflightError, QMPReplyError, live_update, procfs
 from sealvm.console import ConsoleFollower
 from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
@@ -34,7 +34,7 @@ async def test_qemu_refuses_cpr_exec_of_anonymous_ram(
     await vm.launch()
     try:
         async with ConsoleFollower(vm.paths.serial) as con:
-            await wait_full_pass(con)
+            await con.wait_full_pass()
             await vm.execute("migrate-set-parameters",
                              {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(vm.argv)})
             info = await vm.execute("query-migrate")
@@ -47,7 +47,7 @@ async def test_qemu_refuses_cpr_exec_of_anonymous_ram(
                 await asyncio.wait_for(anext(events), 1.0)
             await events.aclose()
             assert await vm.status() == "running"
-            await wait_full_pass(con)
+            await con.wait_full_pass()
             assert_guest_intact(con.log)
     finally:
         await vm.shutdown()
@@ -120,7 +120,7 @@ async def test_qemu_runs_with_memfd_noexec_2(
     await vm.launch()
     try:
         async with ConsoleFollower(vm.paths.serial) as con:
-            await wait_full_pass(con)
+            await con.wait_full_pass()
             assert_guest_intact(con.log)
         assert vm.pid is not None
         qemu = _qemu_child(vm.pid)
@@ -159,7 +159,7 @@ async def test_stock_qemu_loses_anonymous_ram_in_cpr_exec(
     await vm.launch()
     try:
         async with ConsoleFollower(vm.paths.serial) as con:
-            await wait_full_pass(con)
+            await con.wait_full_pass()
             argv = incoming_argv(vm.argv)
             await vm.execute("migrate-set-parameters",
                              {"mode": "cpr-exec", "cpr-exec-command": argv})

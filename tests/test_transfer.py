@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_guest_intact, backend_memfd, failing_qemu, wait_full_pass
+from helpers import assert_guest_intact, backend_memfd, failing_qemu
 from sealvm import Machine, UpdateError, live_update
 from sealvm.console import ConsoleFollower
 
@@ -20,7 +20,7 @@ async def test_transfer_and_exec_alternate(vm: Machine) -> None:
     inode = backend_memfd(vm).inode
     pids = [vm.pid]
     async with ConsoleFollower(vm.paths.serial) as con:
-        await wait_full_pass(con)
+        await con.wait_full_pass()
         for mode in ("cpr-transfer", "cpr-exec") * 3:
             report = await live_update(vm, mode=mode, heartbeat_interval=HB)
             assert report.ram_inode_unchanged and report.mismatches == 0
@@ -32,7 +32,7 @@ async def test_transfer_and_exec_alternate(vm: Machine) -> None:
             else:
                 assert report.pid_after == report.pid_before
             pids.append(report.pid_after)
-        await wait_full_pass(con)
+        await con.wait_full_pass()
         assert_guest_intact(con.log)
     assert backend_memfd(vm).inode == inode
     # every replaced QEMU is gone, only the last one runs
@@ -48,14 +48,14 @@ async def test_failed_transfer_rolls_back(vm: Machine, tmp_path: Path, how: str)
     pid = vm.pid
     bad = failing_qemu(tmp_path, Path(vm.argv[0]), how)
     async with ConsoleFollower(vm.paths.serial) as con:
-        await wait_full_pass(con)
+        await con.wait_full_pass()
         with pytest.raises(UpdateError) as ei:
             await live_update(vm, qemu=bad, mode="cpr-transfer", heartbeat_interval=HB)
         assert ei.value.rolled_back, str(ei.value)
         print(ei.value)
         assert ("did not come up" if how == "start" else "failed to load") in str(ei.value)
         assert vm.pid == pid and await vm.status() == "running"
-        await wait_full_pass(con)
+        await con.wait_full_pass()
         assert_guest_intact(con.log)
     # and the VM still updates afterwards
     report = await live_update(vm, mode="cpr-transfer")

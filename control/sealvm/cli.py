@@ -17,8 +17,10 @@ sealvm: the command line for VM operators and scripts.
     pause VM / resume VM         stop / continue the guest's vCPUs
     down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
     qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
-    host-check                   what this host can do (memfd seals, noexec,
-                                 iommufd, type1 VADDR)
+    host-check [--require NAME,...]
+                                 what this host can do (memfd seals, noexec,
+                                 iommufd, type1 VADDR); exit 10 if a probe
+                                 named in --require fails
 
 Every verb takes --json: one JSON object on stdout (errors too).  Verbs that
 change a VM (up, update, recover, pause, resume, down, qmp) hold its lock;
@@ -63,7 +65,7 @@ from .errors import (
     StateError,
     UpdateError,
 )
-from .host import host_check
+from .host import PROBES, host_check
 from .lock import VmLock
 from .machine import Machine, default_run_root, list_vms
 from .plan import RunPaths
@@ -288,17 +290,31 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _json_args(value: str) -> dict[str, Any]:
+    """argparse type of JSON-ARGS: a JSON object, else a usage error."""
+    try:
+        arguments = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(arguments, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"path": "/machine"}\'')
+    return arguments
+
+
+def _probe_names(value: str) -> list[str]:
+    """argparse type of --require: known probe names, else a usage error."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown capability {', '.join(unknown) or repr(value)}; "
+            f"valid names: {', '.join(PROBES)}")
+    return names
+
+
 async def cmd_qmp(args: argparse.Namespace, out: Output) -> int:
-    arguments = None
-    if args.arguments:
-        try:
-            arguments = json.loads(args.arguments)
-        except json.JSONDecodeError as exc:
-            raise QMPReplyError(args.command, f"JSON-ARGS is not valid JSON: {exc}") from exc
-        if not isinstance(arguments, dict):
-            raise QMPReplyError(args.command, "JSON-ARGS must be a JSON object")
     async with _attached(args, out, "qmp") as vm:
-        result = await vm.execute(args.command, arguments)
+        result = await vm.execute(args.command, args.arguments)
     # the result is JSON whatever the output mode
     print(json.dumps({"return": result} if args.json else result, indent=1))
     return 0
@@ -306,9 +322,13 @@ async def cmd_qmp(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_host_check(args: argparse.Namespace, out: Output) -> int:
     probes = host_check()
+    missing = [p.name for p in probes if p.name in args.require and not p.ok]
     text = "\n".join(f"{'ok ' if p.ok else 'NO '} {p.name:<20} {p.detail}" for p in probes)
-    out.result({"probes": [asdict(p) for p in probes]}, text)
-    return 0
+    if missing:
+        text += f"\nhost-check: this host lacks {', '.join(missing)}"
+    out.result({"probes": [asdict(p) for p in probes], "required": args.require,
+                "missing": missing}, text)
+    return 10 if missing else 0
 
 
 COMMANDS = {
@@ -335,7 +355,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=default(False),
                         help="print one JSON object")
     common.add_argument("--run-dir", type=Path, default=default(None),
-                        help=f"VM run directories (default {default_run_root()})")
+                        help="VM run directories (default: $SEALVM_RUN_DIR, else "
+                             "/run/sealvm as root, else $XDG_RUNTIME_DIR/sealvm)")
     common.add_argument("-v", "--verbose", action="count", default=default(0))
     common.add_argument("--wait", action="store_true", default=default(False),
                         help="wait for another sealvm working on the VM (its lock)")
@@ -372,12 +393,16 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("qmp", parents=[common], help="run a QMP command")
     q.add_argument("vm")
     q.add_argument("command")
-    q.add_argument("arguments", nargs="?", metavar="JSON-ARGS")
+    q.add_argument("arguments", nargs="?", metavar="JSON-ARGS", type=_json_args,
+                   help="the command's arguments, a JSON object")
     rc = sub.add_parser("recover", parents=[common],
                         help="finish or roll back an interrupted update")
     rc.add_argument("vm")
     rc.add_argument("--timeout", type=float, default=60.0)
-    sub.add_parser("host-check", parents=[common], help="probe this host's capabilities")
+    hc = sub.add_parser("host-check", parents=[common], help="probe this host's capabilities")
+    hc.add_argument("--require", type=_probe_names, action="extend", default=[],
+                    metavar="NAME,...",
+                    help=f"exit 10 unless these probes pass ({', '.join(PROBES)})")
     return p
 
 

@@ -125,6 +125,19 @@ class ConsoleLog:
     def mismatched_words(self) -> int:
         return sum(m.words for m in self.mismatches)
 
+    def mismatch_counter(self) -> int | None:
+        """The guest's own count of mismatching words since it booted (the
+        latest heartbeat's ``mism=``); None before a heartbeat carried one.
+
+        Unlike `mismatches` it does not depend on every MISMATCH line having
+        reached the log: a guest that found damage says so in its next
+        heartbeat.
+        """
+        for hb in reversed(self.heartbeats):
+            if "mism" in hb.values:
+                return hb.int("mism")
+        return None
+
     def counter_continuous(self) -> bool:
         """True when heartbeat sequence numbers never reset or skip."""
         seqs = [hb.seq for hb in self.heartbeats]
@@ -154,7 +167,8 @@ class ConsoleFollower:
     moment it reaches the file, so a busy event loop (the controller doing
     its own work right after a resume) cannot delay the stamps and inflate
     the pause it measures.  `wait_for` waits (without polling) until a
-    parsed event satisfies a predicate.
+    parsed event satisfies a predicate; `wait_full_pass` until every word
+    of guest RAM written so far has been verified.
     """
 
     def __init__(self, path: Path) -> None:
@@ -242,6 +256,19 @@ class ConsoleFollower:
                     if predicate(self.log):
                         return
                 await self._changed.wait()  # set by the follower thread
+
+    async def wait_full_pass(self, timeout: float = 60.0) -> int:
+        """Wait until the guest has completed a pattern pass that started
+        after now, so every word written before now has been verified.
+
+        :return: the generation of that pass.
+        :raise TimeoutError: when no such pass completes within *timeout*.
+        """
+        with self._lock:
+            gen_now = self.log.heartbeats[-1].int("gen") if self.log.heartbeats else 0
+        await self.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
+        with self._lock:
+            return max(p.gen for p in self.log.passes)
 
     async def wait_heartbeats(self, count: int, timeout: float) -> None:
         """Wait until *count* more heartbeats than now have arrived."""

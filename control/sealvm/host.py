@@ -13,15 +13,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import _ffi, procfs
 from .errors import HostError
 from .spec import VfioSpec
-from .vfio import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_TYPE1v2_IOMMU
-
-VFIO_UPDATE_VADDR = 10
+from .vfio import (
+    VFIO_CHECK_EXTENSION,
+    VFIO_GET_API_VERSION,
+    VFIO_UPDATE_VADDR,
+    VFIO_TYPE1v2_IOMMU,
+)
 
 
 def vfio_cdev(dev: VfioSpec) -> Path:
@@ -97,11 +101,12 @@ class Probe:
 
 
 def probe_memfd_noexec_seal() -> Probe:
-    fd, err = _ffi._memfd_create(
-        "sealvm-probe", _ffi.MFD_CLOEXEC | _ffi.MFD_ALLOW_SEALING | _ffi.MFD_NOEXEC_SEAL)
-    if fd < 0:
-        return Probe("memfd-noexec-seal", False,
-                     f"memfd_create(MFD_NOEXEC_SEAL): {errno.errorcode.get(err, err)}")
+    try:
+        fd = os.memfd_create(
+            "sealvm-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _ffi.MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        why = errno.errorcode.get(exc.errno or 0, exc.strerror)
+        return Probe("memfd-noexec-seal", False, f"memfd_create(MFD_NOEXEC_SEAL): {why}")
     try:
         seals = procfs.get_seals(fd)
         mode = os.fstat(fd).st_mode & 0o777
@@ -123,7 +128,7 @@ def probe_memfd_noexec_sysctl() -> Probe:
 
 
 def probe_memfd_seals() -> Probe:
-    fd = _ffi.memfd_create("sealvm-probe", _ffi.MFD_CLOEXEC | _ffi.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("sealvm-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, 1 << 20)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, procfs.RAM_SEALS)
@@ -155,9 +160,9 @@ def probe_type1_update_vaddr() -> Probe:
     except OSError as exc:
         return Probe("vfio-type1-vaddr", False, f"/dev/vfio/vfio: {exc.strerror}")
     try:
-        api = _ffi.ioctl_int(fd, VFIO_GET_API_VERSION, 0)
-        type1 = _ffi.ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU)
-        vaddr = _ffi.ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR)
+        api = fcntl.ioctl(fd, VFIO_GET_API_VERSION, 0)
+        type1 = fcntl.ioctl(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU)
+        vaddr = fcntl.ioctl(fd, VFIO_CHECK_EXTENSION, VFIO_UPDATE_VADDR)
     except OSError as exc:
         return Probe("vfio-type1-vaddr", False, f"VFIO_CHECK_EXTENSION: {exc.strerror}")
     finally:
@@ -167,12 +172,16 @@ def probe_type1_update_vaddr() -> Probe:
                  f"VFIO_UPDATE_VADDR {'yes' if vaddr else 'no'}")
 
 
+#: Every probe by the name it reports, in the order `host_check` runs them.
+PROBES: dict[str, Callable[[], Probe]] = {
+    "memfd-noexec-seal": probe_memfd_noexec_seal,
+    "vm.memfd_noexec": probe_memfd_noexec_sysctl,
+    "memfd-seals": probe_memfd_seals,
+    "iommufd": probe_iommufd,
+    "vfio-type1-vaddr": probe_type1_update_vaddr,
+}
+
+
 def host_check() -> list[Probe]:
     """Every probe, in a fixed order."""
-    return [
-        probe_memfd_noexec_seal(),
-        probe_memfd_noexec_sysctl(),
-        probe_memfd_seals(),
-        probe_iommufd(),
-        probe_type1_update_vaddr(),
-    ]
+    return [probe() for probe in PROBES.values()]

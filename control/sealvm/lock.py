@@ -49,7 +49,7 @@ class VmLock:
         return f"pid {info.get('pid', '?')} (sealvm {info.get('verb', '?')}, since {since})"
 
     def _open(self) -> int:
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _claimed(self, fd: int, verb: str) -> None:

@@ -2,7 +2,11 @@
 One VM run by QEMU: launch, QMP, lifecycle, teardown.
 
 A `Machine` owns a run directory (0700) holding the QMP socket (0600),
-``state.json``, QEMU's log and the guest's serial log.  The state file lets
+``state.json`` (0600), QEMU's log and the guest's serial log.  Run
+directories live under a run root (`default_run_root`) that must belong to
+the effective user and be writable by no one else (`check_run_root`):
+whoever can write there can swap the socket or the state file sealvm
+trusts (the state file names the pid sealvm signals).  The state file lets
 another controller process `Machine.attach` to a VM launched elsewhere (for
 example ``sealvm status`` after ``sealvm up`` returned).
 
@@ -19,7 +23,9 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import socket
+import stat
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -45,14 +51,57 @@ STATE_VERSION = 2
 
 
 def default_run_root() -> Path:
-    """$SEALVM_RUN_DIR, else /run/sealvm for root, else $XDG_RUNTIME_DIR/sealvm."""
+    """$SEALVM_RUN_DIR, else /run/sealvm for root, else $XDG_RUNTIME_DIR/sealvm.
+
+    A non-root user without $XDG_RUNTIME_DIR gets no default: a fixed path
+    under /tmp is one any other user can create first.
+
+    :raise StateError: for a non-root user when XDG_RUNTIME_DIR is unset.
+    """
     env = os.environ.get("SEALVM_RUN_DIR")
     if env:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/run/sealvm")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "sealvm" if xdg else Path(f"/tmp/sealvm-{os.geteuid()}")
+    if not xdg:
+        raise StateError("no run root: XDG_RUNTIME_DIR is unset and sealvm does not guess a "
+                         "path under /tmp; set SEALVM_RUN_DIR (or --run-dir) to a directory "
+                         "of yours that only you can write")
+    return Path(xdg) / "sealvm"
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_run_root(root: Path, *, what: str = "run root") -> None:
+    """Refuse a run root (or run directory) another user could tamper with:
+    it must be a directory owned by the effective uid, neither group- nor
+    world-writable; a symlink to it must itself belong to us or to root.
+
+    :raise StateError: naming the path, its owner and mode.
+    """
+    euid = os.geteuid()
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        if st.st_uid not in (euid, 0):
+            raise StateError(f"{what} {root} is a symlink owned by {_owner(st.st_uid)}, "
+                             f"not by {_owner(euid)}: refusing to use it")
+        st = os.stat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"{what} {root} is not a directory")
+    if st.st_uid != euid:
+        raise StateError(f"{what} {root} is owned by {_owner(st.st_uid)}, not by "
+                         f"{_owner(euid)}: refusing to use it (its owner could replace the "
+                         "VM's socket and state file)")
+    if st.st_mode & 0o022:
+        raise StateError(f"{what} {root} (owner {_owner(st.st_uid)}) has mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}: group/world-writable, refusing to "
+                         f"use it (chmod go-w {root})")
 
 
 class Runstate(Enum):
@@ -203,7 +252,7 @@ class Machine:
         :raise SpecError: when a file the spec names is missing.
         :raise HostError: when a VFIO device cannot be opened.
         :raise StateError: when this object or the run directory already has
-            a live VM.
+            a live VM, or the run root is not safe (`check_run_root`).
         :raise LaunchError: when QEMU exits or does not answer in *timeout*;
             everything acquired is released, the run directory is cleaned.
         """
@@ -240,10 +289,12 @@ class Machine:
 
     def _prepare_run_dir(self) -> None:
         root = self.paths.root
-        root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_run_root(root.parent)
         try:
             root.mkdir(mode=0o700)
         except FileExistsError:
+            check_run_root(root, what="run directory")
             # Never clean up what may belong to a live VM: an unreadable state
             # file or an interrupted update stops here, naming the file.
             old = read_state(self.paths)
@@ -275,10 +326,13 @@ class Machine:
         """Attach to a VM another controller launched.  *lock*, when given,
         is the VM's lock the caller already holds (the Machine uses it).
 
-        :raise StateError: when no live VM of that name exists.
+        :raise StateError: when no live VM of that name exists, or the run
+            root is not safe (`check_run_root`).
         :raise LaunchError: when its monitor does not answer in *timeout*.
         """
         paths = RunPaths((run_root or default_run_root()) / name)
+        with contextlib.suppress(FileNotFoundError):
+            check_run_root(paths.root.parent)
         state = read_state(paths)
         if state is None:
             raise StateError(f"no VM named {name!r} in {paths.root.parent}")
@@ -533,6 +587,7 @@ def list_vms(run_root: Path | None = None) -> list[VmState]:
     root = run_root or default_run_root()
     found = []
     with contextlib.suppress(FileNotFoundError):
+        check_run_root(root)
         for d in sorted(root.iterdir()):
             if not d.is_dir():
                 continue

@@ -11,6 +11,12 @@ passes the fds; QEMU only refers to them by number:
 
 No command line ever goes through a shell, including cpr-exec-command.
 Pure functions: nothing here starts a process or opens a file.
+
+Paths may contain commas.  Where a path is a value inside a QEMU option
+string (``-chardev file,path=``, ``-device vfio-pci,sysfsdev=``) it is
+escaped QEMU's way, the comma doubled (`opt_value`); QemuOpts and keyval
+both read ``,,`` as a literal comma.  ``-kernel``, ``-L`` and argv[0] are
+whole arguments, taken literally: they are never escaped.
 """
 
 from __future__ import annotations
@@ -100,6 +106,11 @@ class FdPlan:
         return sorted(fds)
 
 
+def opt_value(value: object) -> str:
+    """*value* as the value of a QEMU ``key=value,...`` option: commas doubled."""
+    return str(value).replace(",", ",,")
+
+
 def _size_arg(size: int) -> str:
     return str(size)
 
@@ -128,11 +139,11 @@ def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
                 # QEMU tells an mdev by its sysfs path, even with the fd passed:
                 # without it, realize asks iommufd for hardware info the
                 # emulated device does not have (ENOENT)
-                opts += f",sysfsdev={dev.sysfsdev}"
+                opts += f",sysfsdev={opt_value(dev.sysfsdev)}"
         elif dev.host is not None:
             opts = f"vfio-pci,id={dev.id},host={dev.host}"
         else:
-            opts = f"vfio-pci,id={dev.id},sysfsdev={dev.sysfsdev}"
+            opts = f"vfio-pci,id={dev.id},sysfsdev={opt_value(dev.sysfsdev)}"
         args += ["-device", opts]
     return args
 
@@ -171,7 +182,8 @@ def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan, *,
         "-append", spec.guest.cmdline,
         "-chardev", f"socket,id=qmp,fd={fds.qmp_listen},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=serial0,path={spec.serial_log or paths.serial},append=on",
+        "-chardev",
+        f"file,id=serial0,path={opt_value(spec.serial_log or paths.serial)},append=on",
         "-serial", "chardev:serial0",
         *vfio_args(spec, fds),
         *spec.extra_args,

@@ -79,6 +79,8 @@ def vfio_io(nr: int) -> int:
 VFIO_GET_API_VERSION = vfio_io(0)
 VFIO_CHECK_EXTENSION = vfio_io(1)
 VFIO_TYPE1v2_IOMMU = 3
+#: VFIO_CHECK_EXTENSION: type1 can update a mapping's vaddr (cpr-exec, legacy backend)
+VFIO_UPDATE_VADDR = 10
 
 
 VFIO_DEVICE_GET_REGION_INFO = vfio_io(8)

@@ -34,3 +34,15 @@ def test_log_counts_and_gaps() -> None:
     assert log.mismatched_words == 3
     log.add("HB 0 t=0 gen=0 mism=0", 0.2)  # a reset guest starts over
     assert not log.counter_continuous()
+
+
+def test_mismatch_counter_is_the_guests_own() -> None:
+    log = ConsoleLog()
+    assert log.mismatch_counter() is None
+    log.add("HB 0 t=0 gen=0 mism=0")
+    assert log.mismatch_counter() == 0
+    # the guest counts words, whether or not its MISMATCH lines arrived
+    log.add("HB 1 t=10 gen=1 mism=7")
+    assert log.mismatch_counter() == 7 and not log.mismatches
+    log.add("HB 2 t=20 gen=1")  # a heartbeat without the counter changes nothing
+    assert log.mismatch_counter() == 7

@@ -102,3 +102,14 @@ def test_incoming_argv_marks_the_new_process() -> None:
     name = second[second.index("-name") + 1]
     assert name == "t,debug-threads=on,process=sealvm-bbbb"
     assert first != second and len(first) == len(second)
+
+
+def test_commas_in_paths_are_escaped_where_qemu_parses_options() -> None:
+    s = spec(guest={"kernel": "/opt/a,b/guest.bin"}, serial_log="/var/log/a,b/serial.log",
+             vfio=[{"sysfsdev": "/sys/bus/mdev/devices/x,y", "backend": "legacy"}])
+    argv = qemu_argv(s, RunPaths(Path("/run/a,b/t")), FdPlan(qmp_listen=7))
+    assert "file,id=serial0,path=/var/log/a,,b/serial.log,append=on" in opt(argv, "-chardev")
+    assert opt(argv, "-device") == ["vfio-pci,id=vfio0,sysfsdev=/sys/bus/mdev/devices/x,,y"]
+    assert opt(argv, "-kernel") == ["/opt/a,b/guest.bin"]  # a whole argument: literal
+    default = qemu_argv(spec(), RunPaths(Path("/run/a,b/t")), FdPlan(qmp_listen=7))
+    assert "file,id=serial0,path=/run/a,,b/t/serial.log,append=on" in opt(default, "-chardev")
