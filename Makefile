@@ -18,7 +18,7 @@ GUEST = $(shell scripts/build-guest --print 2>/dev/null)
 HOST_KERNEL = $(shell scripts/build-kernel --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	host-kernel print-host-kernel check test test-unit demo bench \
+	host-kernel print-host-kernel check test test-unit faults soak demo bench \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -80,6 +80,18 @@ test: deps qemu qemu-upstream guest host-kernel
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit
+
+# The fault matrix alone (it is part of `make test` too); prints its table:
+# case, outcome of the update, of `sealvm recover`, guest verified, leftovers.
+faults: deps qemu guest
+	SEALVM_STRICT_SKIPS=1 SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) \
+		$(PY) -m pytest -q tests/faults $(PYTEST_ARGS)
+
+# Not a test: 1,000 consecutive live updates alternating cpr-exec and
+# cpr-transfer, the guest writing its pattern all along (`make test` runs 50).
+SOAK_ARGS ?= --updates 1000 --size 512M
+soak: deps qemu guest
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m soak.soak $(SOAK_ARGS)
 
 # Benchmarks are not tests: one run, side by side, ratios printed last.
 BENCH_ARGS ?=

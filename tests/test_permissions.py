@@ -122,7 +122,7 @@ NON_ROOT = textwrap.dedent("""
     import json, os, sys, tempfile
     from pathlib import Path
     from sealvm import Machine, StateError, spec_from_dict
-    from sealvm.machine import default_run_root
+    from sealvm.runroot import default_run_root
     if os.geteuid() == 0:
         os.setgroups([])
         os.setgid(NOBODY)

@@ -20,7 +20,8 @@ from .errors import (
     StateError,
     UpdateError,
 )
-from .machine import Machine, default_run_root
+from .machine import Machine
+from .runroot import default_run_root
 from .spec import GuestSpec, MemorySpec, VfioSpec, VmSpec, load_spec, spec_from_dict
 from .update import UpdateReport, live_update
 

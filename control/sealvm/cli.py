@@ -67,9 +67,10 @@ from .errors import (
 )
 from .host import PROBES, host_check
 from .lock import VmLock
-from .machine import Machine, default_run_root, list_vms
+from .machine import Machine, list_vms
 from .plan import RunPaths
 from .preflight import run_preflight
+from .runroot import default_run_root
 from .spec import load_spec
 from .update import RecoverReport, live_update, plan_recovery, recover
 

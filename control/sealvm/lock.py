@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StateError
+from .runroot import check_run_root
 
 
 class VmLock:
@@ -49,7 +50,9 @@ class VmLock:
         return f"pid {info.get('pid', '?')} (sealvm {info.get('verb', '?')}, since {since})"
 
     def _open(self) -> int:
+        """:raise StateError: when the run root is not safe (`check_run_root`)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_run_root(self.path.parent)
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _claimed(self, fd: int, verb: str) -> None:

@@ -323,3 +323,76 @@ def test_corrupt_state_file_is_named_and_kept(op: Operator, tmp_path: Path) -> N
     finally:
         op.paths.state.write_bytes(good)
     assert op.guest() == "running"
+
+
+# --------------------------------------------------- the file system says no
+
+@pytest.fixture
+def small_op(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[Operator]:
+    """The VM with its run root on a 96 MiB tmpfs of its own."""
+    root = tmp_path / "small"
+    root.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(root)],
+                   check=True)
+    spec = tmp_path / "fvm.toml"
+    spec.write_text(f'name = "{NAME}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
+                    f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+    o = Operator(root)
+    try:
+        o.json("up", str(spec))
+        yield o
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(root)], check=False)
+        with contextlib.suppress(FileNotFoundError):
+            (o.paths.root / "fault-fill").unlink()
+        o.run("down", NAME)
+        leaked = qemus_mentioning(str(root))
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "--lazy", str(root)], check=True)
+        assert not leaked, f"QEMU left running: {leaked}"
+
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+async def test_disk_full_during_update(small_op: Operator, mode: str) -> None:
+    """The run directory's file system fills up after preflight: cpr-exec's
+    device-state file cannot be written, QEMU resumes the guest."""
+    op = small_op
+    p = op.run("update", NAME, "--mode", mode, "--json", "--timeout", "20",
+               fault="fill-disk@migrate")
+    (op.paths.root / "fault-fill").unlink()
+    out = json.loads(p.stdout) if p.stdout.strip() else {}
+    got = out.get("outcome") or ("completed" if p.returncode == 0 else out.get("error"))
+    assert got in ("rolled-back", "completed", "completed-with-errors"), p.stdout + p.stderr
+    rec = "none"
+    if op.paths.journal.exists():  # state.json could not be written: recover does it
+        rec = op.json("recover", NAME, rc=None)["outcome"]
+        assert rec in ("completed", "rolled-back"), rec
+    await verify(op, case=f"{mode} disk full at migrate", update=str(got), recover=rec)
+
+
+async def test_unwritable_run_dir_is_refused(op: Operator) -> None:
+    """No journal (nor device-state file) can be written in the run
+    directory (immutable, which binds root too): refused before the pause."""
+    subprocess.run(["chattr", "+i", str(op.paths.root)], check=True)
+    try:
+        out = op.json("update", NAME, rc=4)
+        assert out["error"] == "PreflightError" and "journal" in out["reasons"][0], out
+    finally:
+        subprocess.run(["chattr", "-i", str(op.paths.root)], check=True)
+    await verify(op, case="exec, run directory unwritable", update="refused", recover="none")
+
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+async def test_qmp_connection_cut(op: Operator, mode: str) -> None:
+    """The controller's QMP connection is cut right after `migrate` went out."""
+    p = op.run("update", NAME, "--mode", mode, "--json", "--timeout", "20",
+               fault="cut-qmp@migrate-sent")
+    out = json.loads(p.stdout) if p.stdout.strip() else {}
+    got = out.get("outcome") or ("completed" if p.returncode == 0 else out.get("error"))
+    rec = "none"
+    if op.paths.journal.exists():
+        rec = op.json("recover", NAME, rc=None)["outcome"]
+    assert got in ("rolled-back", "completed", "not-resumed"), p.stdout + p.stderr
+    assert rec in ("none", "completed", "rolled-back")
+    await verify(op, case=f"{mode} QMP cut after migrate", update=str(got), recover=rec)

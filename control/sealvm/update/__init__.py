@@ -50,6 +50,7 @@ async def live_update(
     timeout: float = 60.0,
     progress: Progress | None = None,
     require_sealed: bool = True,
+    verify_pass: bool = True,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
@@ -58,7 +59,10 @@ async def live_update(
     its serial log is followed and the pause it saw is measured.
     *progress(phase, seconds)* is called as each phase ends.
     *require_sealed* False lets a stock QEMU (unsealed aux RAM) be updated,
-    for comparisons; sealvm's own QEMU always seals.
+    for comparisons; sealvm's own QEMU always seals.  With the test guest,
+    the update waits (*verify_pass*) until the guest has verified all of its
+    RAM once after the update, and reports the mismatches its own counter
+    saw; ``total`` does not include that wait.
 
     :raise StateError: the VM is busy (another update holds its lock), has an
         interrupted update (`InterruptedUpdateError`: run `recover`), or its
@@ -74,12 +78,14 @@ async def live_update(
         raise StateError(f"VM {vm.name} is {vm.runstate.value}: attach or launch it first")
     with vm.lock.hold("update"):
         return await _update(vm, qemu=qemu, mode=mode, heartbeat_interval=heartbeat_interval,
-                             timeout=timeout, progress=progress, require_sealed=require_sealed)
+                             timeout=timeout, progress=progress, require_sealed=require_sealed,
+                             verify_pass=verify_pass)
 
 
 async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                   heartbeat_interval: float | None, timeout: float,
-                  progress: Progress | None, require_sealed: bool) -> UpdateReport:
+                  progress: Progress | None, require_sealed: bool,
+                  verify_pass: bool) -> UpdateReport:
     assert vm.state is not None and vm.pid is not None
     if vm.paths.journal.exists():
         Journal.begin(vm.paths)  # raises InterruptedUpdateError, naming the file
@@ -133,25 +139,39 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                     raise
                 completed_error = exc
             # ---- past the fence: record the new QEMU, then check it
-            _record_success(vm, report, mode, new_qemu)
-            journal.end("completed" if completed_error is None else "completed-with-errors",
-                        error=None if completed_error is None else completed_error.message)
+            try:
+                _record_success(vm, report, mode, new_qemu)
+                journal.end("completed" if completed_error is None else
+                            "completed-with-errors",
+                            error=None if completed_error is None else completed_error.message)
+            except OSError as exc:  # e.g. a full disk: the journal stays, recover writes
+                where = exc.filename or vm.paths.root
+                raise UpdateError(f"the new QEMU runs the guest, but {where}: {exc.strerror}; "
+                                  f"run `sealvm recover {vm.name}` once it is writable",
+                                  rolled_back=False, completed=True) from exc
             report.ram_after = ram_blocks(report.pid_after)
             try:
                 report.devices_missing = await _missing_devices(vm)
             except SealvmError as exc:
                 raise UpdateError(f"listing the new QEMU's devices: {exc}",
                                   rolled_back=False, completed=True) from exc
+            report.total = time.monotonic() - clock.start
             if follower is not None and heartbeat_interval is not None:
                 await follower.wait_heartbeats(3, timeout)
                 gap = follower.log.largest_gap(first)
                 report.pause_guest = max(0.0, gap - heartbeat_interval)
                 report.heartbeat_continuous = follower.log.counter_continuous()
-                report.mismatches = follower.log.mismatched_words
+                if verify_pass:
+                    await follower.wait_full_pass(timeout)
+                # the guest's own counter, from the last heartbeat before the
+                # update to the end of a pass that began after it
+                base = follower.log.heartbeats[first].int("mism")
+                now = follower.log.mismatch_counter()
+                report.mismatches = max(follower.log.mismatched_words,
+                                        -1 if now is None else now - base)
     finally:
         if vm.runstate is VmRunstate.UPDATING:
             vm.runstate = VmRunstate.RUNNING if vm.alive() else VmRunstate.STOPPED
-    report.total = time.monotonic() - clock.start
     report.phases = clock.phases
     if completed_error is not None:
         raise completed_error

@@ -39,7 +39,10 @@ name, such as ``migrate-sent``):
 
 - ``kill-controller``: this process SIGKILLs itself;
 - ``kill-new`` / ``kill-old``: the new / old QEMU is SIGKILLed;
-- ``stop-new``: the new QEMU is SIGSTOPped (a hang).
+- ``stop-new``: the new QEMU is SIGSTOPped (a hang);
+- ``cut-qmp``: every connection of this process to a socket in the run
+  directory is shut down (the QMP connection cut mid-command);
+- ``fill-disk``: a file ``fault-fill`` takes the run directory's free space.
 """
 
 from __future__ import annotations
@@ -49,14 +52,15 @@ import json
 import os
 import select
 import signal
+import socket
 import time
 from typing import Any
 
-from ..errors import InterruptedUpdateError, StateError
+from ..errors import InterruptedUpdateError, PreflightError, StateError
 from ..plan import RunPaths
 
 FAULT_ENV = "SEALVM_FAULT"
-FAULT_ACTIONS = ("kill-controller", "kill-new", "kill-old", "stop-new")
+FAULT_ACTIONS = ("kill-controller", "kill-new", "kill-old", "stop-new", "cut-qmp", "fill-disk")
 
 STEPS = ("begin", "migrate", "spawn", "spawned", "exec", "fallback", "loaded", "resuming",
          "resumed", "old-quit", "end")
@@ -86,6 +90,8 @@ class Journal:
         """Start the journal of a new update.
 
         :raise InterruptedUpdateError: when another update's journal is there.
+        :raise PreflightError: when it cannot be written (a read-only or full
+            file system): nothing was touched.
         """
         try:
             fd = os.open(paths.journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -94,10 +100,19 @@ class Journal:
             raise InterruptedUpdateError(
                 f"an update was interrupted ({paths.journal}); run `sealvm recover "
                 f"{paths.root.name}` first") from None
+        except OSError as exc:
+            raise PreflightError([f"journal: cannot write {paths.journal}: "
+                                  f"{exc.strerror}"]) from exc
         os.close(fd)
-        _fsync_dir(paths.root)
         self = cls(paths, [])
-        self.record("begin", **data)
+        try:
+            _fsync_dir(paths.root)
+            self.record("begin", **data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                paths.journal.unlink()
+            raise PreflightError([f"journal: cannot write {paths.journal}: "
+                                  f"{exc.strerror}"]) from exc
         return self
 
     @classmethod
@@ -192,9 +207,34 @@ class Journal:
                 select.select([pidfd], [], [], 10.0)
             finally:
                 os.close(pidfd)
+        elif action == "cut-qmp":
+            self._cut_connections()
+        elif action == "fill-disk":
+            fd = os.open(self.paths.root / "fault-fill", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            try:
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(fd, 0, os.statvfs(self.paths.root).f_bavail *
+                                       os.statvfs(self.paths.root).f_frsize)
+            finally:
+                os.close(fd)
         else:
             raise ValueError(f"{FAULT_ENV}: unknown action {action!r} "
                              f"(one of {', '.join(FAULT_ACTIONS)})")
+
+    def _cut_connections(self) -> None:
+        root = str(self.paths.root)
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    continue
+                s = socket.socket(fileno=os.dup(int(name)))
+                try:
+                    peer = s.getpeername() if s.family == socket.AF_UNIX else ""
+                    if isinstance(peer, str) and peer.startswith(root):
+                        s.shutdown(socket.SHUT_RDWR)
+                finally:
+                    s.close()
 
     def end(self, outcome: str, **data: Any) -> None:
         """Record the outcome and retire the journal (``last-update.journal``)."""

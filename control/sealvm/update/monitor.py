@@ -135,6 +135,9 @@ async def incoming(qmp: QMPClient, args: dict[str, object] | None, *, deadline: 
         raise UpdateError("new QEMU did not load the device state in time",
                           rolled_back=False) from None
     except (QMPReplyError, StateError) as exc:
+        if isinstance(exc, StateError) and await proc.wait_exit(1.0):
+            raise UpdateError("new QEMU failed to load the device state (it exited):\n"
+                              f"{log_tail()}", rolled_back=False) from exc
         raise UpdateError(f"new QEMU's monitor: {exc}", rolled_back=False) from exc
     finally:
         died.cancel()

@@ -36,9 +36,10 @@ from qemu.qmp import QMPClient
 from .. import procfs
 from ..errors import SealvmError, StateError, UpdateError
 from ..lock import VmLock
-from ..machine import Machine, default_run_root, read_state
+from ..machine import Machine, read_state
 from ..plan import RunPaths, name_arg
 from ..process import QemuProcess
+from ..runroot import default_run_root
 from ..spec import spec_from_dict
 from .context import remove
 from .cpr_exec import fall_back
@@ -282,18 +283,28 @@ async def _recover_transfer(vm: Machine, journal: Journal, report: RecoverReport
     new_pid = _successor_pid(journal)
     new_qmp: QMPClient | None = None
     qmp_next = Path(journal.get("spawn").get("qmp", paths.qmp_next(0)))
+    # once cont may have reached the new QEMU, only forward: the old QEMU's
+    # state is stale (a paused guest is never resumed, so the load decides)
+    forward_only = journal.has("resuming") or journal.has("resumed")
+    # the new QEMU's socket: its own path until the handover renamed it
+    sock = qmp_next if qmp_next.exists() or old_alive else paths.qmp
     try:
         loaded = False
         if new_pid is not None and journal.has("migrate"):
-            with contextlib.suppress(StateError):
-                new_qmp = await connect(qmp_next, name=f"{vm.name}-new",
+            try:
+                new_qmp = await connect(sock, name=f"{vm.name}-new",
                                         timeout=min(timeout, 5.0))
+            except StateError as exc:
+                if forward_only:
+                    raise StateError(f"VM {vm.name}: the new QEMU (pid {new_pid}) may run "
+                                     f"the guest but does not answer ({exc}); run recover "
+                                     "again, or `sealvm down`") from exc
             if new_qmp is not None:
                 guest = await status(new_qmp)
                 loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
                     "completed"
-        if new_pid is not None and new_qmp is not None and loaded:
-            await _forward(vm, journal, report, new_pid, new_qmp, qmp_next, deadline,
+        if new_pid is not None and new_qmp is not None and (loaded or forward_only):
+            await _forward(vm, journal, report, new_pid, new_qmp, sock, deadline,
                            timeout, old_alive)
             return
         # back: the new QEMU goes, the old one keeps the guest

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, QMPClient, Runstate
 
 from .. import procfs
 from ..errors import LaunchError, QMPReplyError, SealvmError, UpdateError
@@ -38,6 +38,7 @@ from .monitor import (
     EVENTS_ON,
     arm,
     disconnect,
+    event_or,
     event_time,
     execute,
     incoming,
@@ -45,6 +46,7 @@ from .monitor import (
     resume,
     settle_outgoing,
     status,
+    wait_disconnected,
 )
 
 #: Classic migration between two local processes: do not throttle the copy.
@@ -142,13 +144,14 @@ async def run(ctx: UpdateContext, *, cpr: bool) -> None:
         await _hand_over(ctx, proc, succ.qmp, qmp_next, argv, fds)
     except _RollBack as exc:
         rolled_back = await _roll_back(ctx, proc, succ.qmp)
-        journal.end("rolled-back" if rolled_back else "failed", error=str(exc))
-        raise UpdateError(f"{what} to {ctx.qemu} failed: {exc}",
+        if rolled_back:  # else the journal stays: recover finishes the job
+            journal.end("rolled-back", error=str(exc))
+        raise UpdateError(f"{what} to {ctx.qemu} failed: {exc}"
+                          + ("" if rolled_back else f"; run `sealvm recover {vm.name}`"),
                           rolled_back=rolled_back) from exc
     except asyncio.CancelledError:
-        if not fenced:
-            rolled_back = await _roll_back(ctx, proc, succ.qmp)
-            journal.end("rolled-back" if rolled_back else "failed", error="cancelled")
+        if not fenced and await _roll_back(ctx, proc, succ.qmp):
+            journal.end("rolled-back", error="cancelled")
         raise
     finally:
         if not fenced:
@@ -198,15 +201,24 @@ async def _switch(ctx: UpdateContext, succ: _Successor, channels: list[dict[str,
         clock.mark("cpr-state" if cpr else "start-monitor")
         stop_ts: float | None = None
 
+        old_qmp = vm.qmp
+        gone = asyncio.ensure_future(wait_disconnected(old_qmp))
+
         async def old_side() -> None:
+            """Fail fast when the old QEMU reports failure.  If its connection
+            goes, the new QEMU's own state decides (it loaded, or not)."""
             nonlocal stop_ts
             while True:
-                ev: dict[str, Any] = dict(await old_events.get())
+                got = await event_or(old_events, gone, ctx.deadline)
+                if got is None:
+                    vm.logger.warning("old QEMU's monitor connection went during the update")
+                    return
+                ev: dict[str, Any] = got
                 if ev["event"] == "STOP":
                     stop_ts = event_time(ev)
                 elif ev["data"]["status"] in ("failed", "cancelled"):
                     raise _RollBack(f"old QEMU: migration {ev['data']['status']}: "
-                                    f"{await migration_error(vm.qmp)}")
+                                    f"{await migration_error(old_qmp)}")
                 elif ev["data"]["status"] == "completed":
                     return
 
@@ -230,6 +242,7 @@ async def _switch(ctx: UpdateContext, succ: _Successor, channels: list[dict[str,
             raise _RollBack(str(exc)) from exc
         finally:
             old_task.cancel()
+            gone.cancel()
         journal.record("loaded")
         clock.mark("load")
         if ctx.was_running:
@@ -265,8 +278,10 @@ async def _hand_over(ctx: UpdateContext, proc: QemuProcess, new: QMPClient,
     # The old QEMU handed everything over: let it go, then take over.
     old_proc = vm.process
     assert old_proc is not None
-    with contextlib.suppress(SealvmError):
+    try:
         await vm.execute("quit")
+    except SealvmError:  # no monitor: it has nothing left to save, stop it
+        await old_proc.kill(timeout=ctx.timeout)
     if not await old_proc.wait_exit(ctx.timeout):
         await old_proc.kill()
     journal.record("old-quit")
@@ -292,6 +307,8 @@ async def _roll_back(ctx: UpdateContext, new_proc: QemuProcess, new: QMPClient |
     await disconnect(new)
     await new_proc.kill()
     try:
+        if vm.qmp.runstate is not Runstate.RUNNING:  # the connection went: reconnect
+            await vm.connect(timeout=ctx.timeout)
         await settle_outgoing(vm.qmp, deadline=asyncio.get_running_loop().time() + ctx.timeout,
                               cancel=True)
         guest = await status(vm.qmp)
@@ -301,5 +318,5 @@ async def _roll_back(ctx: UpdateContext, new_proc: QemuProcess, new: QMPClient |
             guest = await status(vm.qmp)
         return guest == "running" if ctx.was_running else guest in ("paused", "postmigrate")
     except (SealvmError, TimeoutError) as exc:
-        vm.logger.error("rollback failed: %s", exc)
+        vm.logger.error("rollback failed: %s (run `sealvm recover %s`)", exc, vm.name)
         return False
