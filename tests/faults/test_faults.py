@@ -396,3 +396,22 @@ async def test_qmp_connection_cut(op: Operator, mode: str) -> None:
     assert got in ("rolled-back", "completed", "not-resumed"), p.stdout + p.stderr
     assert rec in ("none", "completed", "rolled-back")
     await verify(op, case=f"{mode} QMP cut after migrate", update=str(got), recover=rec)
+
+
+async def test_old_qemu_killed_before_switchover(op: Operator) -> None:
+    """cpr-transfer: the old QEMU, which still runs the guest (or holds its
+    only CPU state), is SIGKILLed before it sent the device state.  That is a
+    crash of the running VM, not something an update can undo: recover says
+    *lost* (exit 6), kills the successor and leaves nothing behind."""
+    p = op.run("update", NAME, "--mode", "transfer", "--json", "--timeout", "15",
+               fault="kill-old@migrate-sent")
+    out = json.loads(p.stdout) if p.stdout.strip() else {}
+    if op.paths.journal.exists():
+        rec = op.json("recover", NAME, rc=6)
+        assert rec["outcome"] == "lost", rec
+    else:
+        assert out.get("outcome") in ("not-resumed", None), p.stdout + p.stderr
+    assert qemus_mentioning(str(op.run_root)) == [], "a QEMU of the lost VM is left"
+    assert leftovers(op.paths) == []
+    ROWS.append({"case": "transfer kill-old@migrate-sent", "update": str(out.get("outcome")),
+                 "recover": "lost", "guest": "lost: its QEMU was killed", "leftovers": ""})
