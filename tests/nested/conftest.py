@@ -1,7 +1,7 @@
 """
 The nested tier: one L1 boot runs every in-L1 scenario; tests assert on it.
 
-L1 (sealvm.nested) boots the test-bed kernel (``$SEALVM_HOST_KERNEL``, set by
+L1 (nested.harness.l1) boots the test-bed kernel (``$SEALVM_HOST_KERNEL``, set by
 ``make test``) under our QEMU with an emulated intel-iommu and one edu device.
 Inside, tests/nested/l1_run.py runs the scenarios one after the other and
 each writes results/<name>.json to the share.  Booting costs seconds, so the
@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from sealvm.nested import L1BootError, edu_addresses, run_in_l1
-
+from .harness.l1 import L1BootError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines

@@ -31,9 +31,9 @@ import os
 import sys
 from typing import Any
 
-from sealvm import iommufd as iofd
 from sealvm import procfs
 
+from .harness import iommufd as iofd
 from .l1_lib import Check, Checks
 
 SIZE = 2 << 20

@@ -1,7 +1,7 @@
 """
 Helpers for the scenarios that run inside L1 (tests/nested/l1_*.py).
 
-They run as root in the L1 VM booted by `sealvm.nested.run_in_l1`, see the
+They run as root in the L1 VM booted by `nested.harness.l1.run_in_l1`, see the
 repository read-only at its usual path, and report to the writable share
 (``$SEALVM_L1_SHARE``) as JSON; the L0 tests (test_*.py) assert on that.
 A scenario records every check it makes (`Checks`) rather than stopping at

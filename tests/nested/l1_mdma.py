@@ -48,9 +48,9 @@ from typing import Any
 
 from sealvm import Machine, PreflightError, QMPReplyError, live_update, spec_from_dict
 from sealvm.console import ConsoleFollower, ConsoleLog
-from sealvm.iommufd import expect_errno
 
 from . import l1_mdma_type1 as t1
+from .harness.iommufd import expect_errno
 from .l1_lib import Checks, QemuLog, bind_vfio_pci, iommu_group, qemu_pids, trace_args
 from .l1_vfio import ram_maps
 

@@ -1,5 +1,5 @@
 """
-sealvm.iommufd's cffi struct layouts against the 7.2 uapi headers.
+nested.harness.iommufd's cffi struct layouts against the 7.2 uapi headers.
 
 The C compiler computes sizeof/offsetof of every struct and (nested) field
 the bindings declare, from the headers the L1 kernel build installed
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sealvm import iommufd
+from .harness import iommufd
 
 pytestmark = pytest.mark.nested
 

@@ -43,13 +43,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SealvmError
-from .spec import DEFAULT_FIRMWARE
+from sealvm.errors import SealvmError
+from sealvm.spec import DEFAULT_FIRMWARE
 
-log = logging.getLogger("sealvm.nested")
+log = logging.getLogger("sealvm.testing.l1")
 
 #: PID 1 of L1 (must be reachable at the same path through the 9p root).
-DEFAULT_INIT = Path(__file__).resolve().parents[2] / "images" / "host" / "init"
+DEFAULT_INIT = Path(__file__).resolve().parents[3] / "images" / "host" / "init"
 #: Mount point of the writable share inside L1 (see images/host/init).
 L1_SHARE = "/run/sealvm-l1/share"
 #: Harness files inside the share.
@@ -193,7 +193,7 @@ def l1_argv(cfg: L1Config, *, share: Path) -> list[str]:
 
 def command_script(command: Sequence[str], env: Mapping[str, str]) -> str:
     """The shell script init runs: the environment, then exec the command."""
-    lines = ["# written by sealvm.nested"]
+    lines = ["# written by nested.harness.l1"]
     for key, value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"env: {key!r} is not a variable name")
