@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealvm.console import ConsoleFollower, ConsoleLog, Pass
+
 SYS_PCI = Path("/sys/bus/pci")
 
 
@@ -79,6 +81,23 @@ class Checks:
             self.failed(exc)
         self.save()
         return 0 if self.error is None and all(c.ok for c in self.checks) else 1
+
+
+# ------------------------------------------------------- the guest's pattern
+
+
+def mism(log: ConsoleLog) -> int:
+    """The guest's own count of mismatching pattern words so far (the
+    heartbeat's ``mism=``); -1 before any heartbeat or without the field."""
+    return log.heartbeats[-1].int("mism", -1) if log.heartbeats else -1
+
+
+async def wait_full_pass(con: ConsoleFollower, timeout: float) -> Pass:
+    """Wait for a pattern pass that started after now to complete (every word
+    written before now has been verified since); return it."""
+    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
+    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
+    return next(p for p in con.log.passes if p.gen > gen_now)
 
 
 # -------------------------------------------------------------- PCI / VFIO
