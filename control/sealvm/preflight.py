@@ -170,12 +170,19 @@ def check_room(path: Path) -> Check:
     return Check("state-room", True, f"{usage.free >> 20} MiB free in {path.parent}")
 
 
-async def check_inventory(vm: Machine) -> list[Check]:
+async def check_inventory(vm: Machine, *, required: bool = True) -> list[Check]:
     """What QEMU itself reports (sealvm's QEMU): RAM blocks CPR cannot keep,
-    VFIO mappings that do not go through the file."""
+    VFIO mappings that do not go through the file.  Without the command the
+    QEMU is not sealvm's: a failure when *required* (sealvm's QEMU expected),
+    else reported (a comparison with a stock QEMU)."""
     inv = await query_inventory(vm)
     if inv is None:
-        return [Check("qemu-inventory", True, f"{COMMAND} not available (stock QEMU)")]
+        if required:
+            return [Check("qemu-inventory", False,
+                          f"{COMMAND} not available: this QEMU lacks sealvm's series, "
+                          "so what it maps and keeps cannot be checked")]
+        return [Check("qemu-inventory", True,
+                      f"(not required) {COMMAND} not available (stock QEMU)")]
     bad = [f"{b.name}: {b.cpr_blocker or 'not preserved'}" for b in inv.ram_blocks
            if not b.cpr_compatible]
     checks = [Check("ram-blocks", not bad,
@@ -318,7 +325,8 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
     False: a dry run that returns every check, failed or not).
 
     With *require_sealed* False (comparisons with a stock QEMU), unsealed
-    RAM memfds are reported but do not fail the preflight.
+    RAM memfds and a missing ``x-query-cpr-memory`` are reported but do not
+    fail the preflight.
 
     :raise PreflightError: listing every failed check (the VM is untouched).
     """
@@ -334,7 +342,7 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
         checks.append(seals if require_sealed or seals.ok else
                       Check(seals.name, True, f"(not required) {seals.detail}"))
         checks.append(await check_aux_ram_share(vm))
-        checks.extend(await check_inventory(vm))
+        checks.extend(await check_inventory(vm, required=require_sealed))
     checks.extend(await check_vfio_devices(vm, mode))
     checks.append(await check_binary(vm, qemu))
     if mode == "cpr-exec":

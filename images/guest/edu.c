@@ -25,6 +25,18 @@
  *   EDU found bdf=BB:DD.F bar0=0x... id=0x...    at init
  *   EDU-ERR round=<n> what=<...> ...             on each failure
  *   heartbeat fields: dma=<rounds verified> dma_err=<rounds failed>
+ *     dma_iss=<transfers started> dma_fin=<transfers seen finished>
+ *     dma_dur_us=<duration of the last finished transfer, HPET us; 0: none
+ *                 or no HPET>
+ *
+ * dma_iss > dma_fin means a transfer is in flight.  Durations come from the
+ * HPET main counter, which runs on QEMU's virtual clock (stops while the VM
+ * is paused; the PIT tick count loses ticks when the guest runs slowly, the
+ * counter does not).  edu itself lives one level down (its 100 ms run on
+ * the clock of the host it is emulated by, which never stops), so a
+ * transfer that takes clearly less than 100 ms of this clock spent the rest
+ * while this guest was paused: it was issued before the pause and seen
+ * finished after it.
  */
 #include "guest.h"
 
@@ -38,6 +50,10 @@
 #define EDU_CMD_RUN     0x1
 #define EDU_CMD_TO_RAM  0x2
 #define EDU_BUF         0x40000ULL
+#define HPET_BASE       0xFED00000ULL
+#define HPET_CAP        0x000   /* bits 63:32: counter period, fs */
+#define HPET_CFG        0x010   /* bit 0: counter enabled */
+#define HPET_COUNTER    0x0F0
 #define DMA_BYTES       4096
 #define DMA_TIMEOUT_MS  5000    /* guest time: stops while the VM is paused */
 
@@ -53,6 +69,9 @@ static u8 dst_page[DMA_BYTES] __attribute__((aligned(4096)));
 static enum state state = ABSENT;
 static volatile u8 *bar0;
 static u64 round_no, done_ok, done_err, started_ms, last_poll_ms;
+static u64 issued, finished, started_us, last_dur_us;
+static volatile u8 *hpet;
+static u64 hpet_ns_per_tick;
 
 static u64 rd64(u32 off)
 {
@@ -69,6 +88,25 @@ static u32 rd32(u32 off)
     return *(volatile u32 *)(bar0 + off);
 }
 
+/* The HPET main counter, enabled; left unset when there is none. */
+static void hpet_init(void)
+{
+    volatile u8 *base = (volatile u8 *)(uptr)HPET_BASE;
+    u32 fs = (u32)(*(volatile u64 *)(base + HPET_CAP) >> 32);
+
+    if (fs < 1000000 || fs > 100000000) {
+        return;                 /* absent (reads 0 or ~0) or not whole ns */
+    }
+    hpet = base;
+    hpet_ns_per_tick = fs / 1000000;
+    *(volatile u64 *)(hpet + HPET_CFG) |= 1;
+}
+
+static u64 hpet_us(void)
+{
+    return hpet ? *(volatile u64 *)(hpet + HPET_COUNTER) * hpet_ns_per_tick / 1000 : 0;
+}
+
 static u64 fill(u64 i)
 {
     return (round_no * 0x9E3779B97F4A7C15ULL) ^ (i * 0xD6E8FEB86659FD93ULL) ^
@@ -78,6 +116,7 @@ static u64 fill(u64 i)
 static void fail(const char *what, u64 arg)
 {
     done_err++;
+    finished = issued;          /* given up: nothing in flight */
     printf("EDU-ERR round=%llu what=%s arg=0x%llx\n", round_no, what, arg);
     state = IDLE;
 }
@@ -87,8 +126,11 @@ static void start(u64 src, u64 dst, u64 cmd)
     wr64(EDU_DMA_SRC, src);
     wr64(EDU_DMA_DST, dst);
     wr64(EDU_DMA_CNT, DMA_BYTES);
-    wr64(EDU_DMA_CMD, cmd);
+    /* before the command: a measured duration is never shorter than the run */
     started_ms = now_ms();
+    started_us = hpet_us();
+    wr64(EDU_DMA_CMD, cmd);
+    issued++;
 }
 
 static void edu_init(void)
@@ -111,9 +153,10 @@ static void edu_init(void)
         return;
     }
     bar0 = (volatile u8 *)(uptr)base;
+    hpet_init();
     id = rd32(EDU_ID);
-    printf("EDU found bdf=%02x:%02x.%x bar0=0x%llx id=0x%x\n", bdf >> 8,
-           (bdf >> 3) & 31, bdf & 7, base, id);
+    printf("EDU found bdf=%02x:%02x.%x bar0=0x%llx id=0x%x hpet_ns=%llu\n",
+           bdf >> 8, (bdf >> 3) & 31, bdf & 7, base, id, hpet_ns_per_tick);
     state = IDLE;
 }
 
@@ -146,6 +189,8 @@ static void edu_step(void)
         }
         return;
     }
+    finished++;
+    last_dur_us = hpet ? hpet_us() - started_us : 0;
     if (state == TO_DEVICE) {
         for (u64 i = 0; i < DMA_BYTES / 8; i++) {
             ((volatile u64 *)dst_page)[i] = 0;
@@ -173,7 +218,8 @@ static void edu_step(void)
 static void edu_report(void)
 {
     if (state != ABSENT) {
-        printf(" dma=%llu dma_err=%llu", done_ok, done_err);
+        printf(" dma=%llu dma_err=%llu dma_iss=%llu dma_fin=%llu dma_dur_us=%llu",
+               done_ok, done_err, issued, finished, last_dur_us);
     }
 }
 

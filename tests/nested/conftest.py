@@ -1,13 +1,17 @@
 """
 The nested tier: one L1 boot runs every in-L1 scenario; tests assert on it.
 
-L1 (sealvm.nested) boots the test-bed kernel (``$SEALVM_HOST_KERNEL``, set by
+L1 (nested.harness.l1) boots the test-bed kernel (``$SEALVM_HOST_KERNEL``, set by
 ``make test``) under our QEMU with an emulated intel-iommu and one edu device.
 Inside, tests/nested/l1_run.py runs the scenarios one after the other and
 each writes results/<name>.json to the share.  Booting costs seconds, so the
 boot is session-scoped and shared by the tests of this directory.
 
-Skips (with the reason) only when the kernel is not built or L1 cannot boot.
+What the project builds and boots itself is never a skip reason: an L1 that
+does not boot, or one that ends without the command's status, fails every
+test of the tier with L0's and L1's output attached.  A missing L1 kernel
+skips (saying so) only outside `make test`: with ``SEALVM_STRICT_SKIPS=1``
+(set by `make test`) it fails too.
 """
 
 from __future__ import annotations
@@ -16,33 +20,63 @@ import asyncio
 import compileall
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
-from sealvm.nested import L1BootError, edu_addresses, run_in_l1
+from sealvm.update.wayback import trampoline
 
+from .harness.l1 import NestedError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
 
 HERE = Path(__file__).resolve().parent
 L1_TIMEOUT = 1800.0
+#: lines of L1's console (with L0 QEMU's output) attached to a failure
+FAILURE_TAIL = 80
 
 
 _outcome: L1Outcome | None = None
+
+
+def strict_skips() -> bool:
+    """Under `make test` a missing build is a failure, not a skip."""
+    return os.environ.get("SEALVM_STRICT_SKIPS") == "1"
+
+
+def missing_build(reason: str) -> NoReturn:
+    if strict_skips():
+        pytest.fail(f"{reason} (SEALVM_STRICT_SKIPS=1: a missing build fails)",
+                    pytrace=False)
+    pytest.skip(reason=reason)
 
 
 @pytest.fixture(scope="session")
 def host_kernel() -> Path:
     path = os.environ.get("SEALVM_HOST_KERNEL")
     if not path or not os.path.isfile(path):
-        pytest.skip(reason="no L1 kernel: run `make test` (sets SEALVM_HOST_KERNEL) or "
-                    "`make host-kernel`")
+        missing_build(f"no L1 kernel (SEALVM_HOST_KERNEL={path!r}): run `make test` "
+                      "(sets it) or `make host-kernel`")
     return Path(path)
+
+
+def nested_failure(exc: NestedError, console_log: Path) -> str:
+    """What went wrong with L1, with L0's and L1's own output."""
+    tail = "\n".join(exc.console.splitlines()[-FAILURE_TAIL:]) or "(no output at all)"
+    status = "still running (killed)" if exc.qemu_status is None else exc.qemu_status
+    text = (f"{type(exc).__name__}: {str(exc).splitlines()[0]}\n"
+            f"L0 QEMU exit status: {status}\n"
+            f"L0 QEMU command: {shlex.join(exc.argv) if exc.argv else '(not started)'}\n"
+            f"--- L0 QEMU output and L1 serial console, last {FAILURE_TAIL} lines "
+            f"(whole log: {console_log}) ---\n{tail}")
+    if exc.output:
+        text += f"\n--- the command's output in L1 (tail) ---\n{exc.output[-3000:]}"
+    return text
 
 
 def scenario_commands(bdf: str) -> list[str]:
@@ -68,14 +102,21 @@ def l1(host_kernel: Path, qemu_binary: Path, guest_image: Path,
         compileall.compile_dir(tree, quiet=1)
     command = [sys.executable, "-m", "nested.l1_run", *scenario_commands(bdf)]
     env = {"SEALVM_QEMU": str(qemu_binary), "SEALVM_GUEST": str(guest_image),
+           # cpr-exec's trampoline, built here: L1 sees this root read-only
+           "SEALVM_TRAMPOLINE": str(trampoline()),
            "PYTHONPATH": str(HERE.parent),
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    console_log = share.parent / "l1-console.log"
+    failure: str | None = None
     try:
         result = asyncio.run(run_in_l1(
             command, kernel=host_kernel, qemu=qemu_binary, edu=1, timeout=L1_TIMEOUT,
-            env=env, share=share, console_log=share.parent / "l1-console.log"))
-    except L1BootError as exc:
-        pytest.skip(reason=f"L1 cannot be booted: {exc}")
+            env=env, share=share, console_log=console_log))
+    except NestedError as exc:
+        failure = nested_failure(exc, console_log)
+    if failure is not None:
+        # L1 is ours (kernel, init, QEMU): failing to boot or to report is a failure.
+        pytest.fail(failure, pytrace=False)
     results = {}
     logs = {}
     for name, data in result.files.items():

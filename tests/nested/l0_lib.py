@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from helpers import qemus_mentioning
-from sealvm.nested import L1Result
+
+from .harness.l1 import L1Result
 
 UPDATES = 5
 

@@ -1,7 +1,7 @@
 """
 Helpers for the scenarios that run inside L1 (tests/nested/l1_*.py).
 
-They run as root in the L1 VM booted by `sealvm.nested.run_in_l1`, see the
+They run as root in the L1 VM booted by `nested.harness.l1.run_in_l1`, see the
 repository read-only at its usual path, and report to the writable share
 (``$SEALVM_L1_SHARE``) as JSON; the L0 tests (test_*.py) assert on that.
 A scenario records every check it makes (`Checks`) rather than stopping at
@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sealvm.console import ConsoleFollower, ConsoleLog, Pass
 
 SYS_PCI = Path("/sys/bus/pci")
 
@@ -79,6 +81,23 @@ class Checks:
             self.failed(exc)
         self.save()
         return 0 if self.error is None and all(c.ok for c in self.checks) else 1
+
+
+# ------------------------------------------------------- the guest's pattern
+
+
+def mism(log: ConsoleLog) -> int:
+    """The guest's own count of mismatching pattern words so far (the
+    heartbeat's ``mism=``); -1 before any heartbeat or without the field."""
+    return log.heartbeats[-1].int("mism", -1) if log.heartbeats else -1
+
+
+async def wait_full_pass(con: ConsoleFollower, timeout: float) -> Pass:
+    """Wait for a pattern pass that started after now to complete (every word
+    written before now has been verified since); return it."""
+    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
+    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
+    return next(p for p in con.log.passes if p.gen > gen_now)
 
 
 # -------------------------------------------------------------- PCI / VFIO

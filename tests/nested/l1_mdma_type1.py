@@ -4,7 +4,7 @@ and a user-space driver for the mdma device's BAR.
 
 Layouts from Linux 7.2 ``include/uapi/linux/vfio.h`` (x86_64), packed with
 `struct`; requests are ``_IO(VFIO_TYPE, VFIO_BASE + n)``.  Each call raises
-`OSError` carrying the kernel's errno (use `sealvm.iommufd.expect_errno`).
+`OSError` carrying the kernel's errno (use `nested.harness.iommufd.expect_errno`).
 """
 
 from __future__ import annotations

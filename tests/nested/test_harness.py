@@ -1,4 +1,4 @@
-"""sealvm.nested's pure parts: the L1 command line and the command script."""
+"""nested.harness.l1's pure parts: the L1 command line and the command script."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sealvm.nested import L1Config, command_script, edu_addresses, kernel_cmdline, l1_argv
+from .harness.l1 import L1Config, command_script, edu_addresses, kernel_cmdline, l1_argv
 
 CFG = L1Config(kernel=Path("/k/bzImage"), qemu=Path("/q/qemu-system-x86_64"), edu=2)
 

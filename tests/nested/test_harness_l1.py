@@ -1,5 +1,5 @@
 """
-sealvm.nested.run_in_l1 on a real L1: what comes back, and that it always
+nested.harness.l1.run_in_l1 on a real L1: what comes back, and that it always
 cleans up -- on success, timeout, cancellation and boot failure.
 """
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sealvm.nested import L1BootError, L1Timeout, run_in_l1
-
+from .harness.l1 import L1BootError, L1Timeout, run_in_l1
 from .l0_lib import l0_qemus_mentioning
 
 pytestmark = pytest.mark.nested

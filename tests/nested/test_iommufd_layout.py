@@ -1,10 +1,13 @@
 """
-sealvm.iommufd's cffi struct layouts against the 7.2 uapi headers.
+nested.harness.iommufd's cffi struct layouts against the 7.2 uapi headers.
 
 The C compiler computes sizeof/offsetof of every struct and (nested) field
-the bindings declare, from the headers the L1 kernel build installed
-(``$SEALVM_HOST_KERNEL``'s directory: include/linux/iommufd.h and
-include/iommufd_test.h); cffi must agree on each.
+the bindings declare, from the headers the L1 kernel build installed from
+the pinned source (scripts/build-kernel: ``make headers_install`` plus
+drivers/iommu/iommufd/iommufd_test.h, kept in the cache entry beside
+``$SEALVM_HOST_KERNEL``: include/linux/iommufd.h, include/iommufd_test.h);
+cffi must agree on each.  The headers and the compiler come with the kernel
+build, so their absence is a failure, never a skip.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sealvm import iommufd
+from .harness import iommufd
 
 pytestmark = pytest.mark.nested
 
@@ -46,10 +49,11 @@ def layout_table() -> list[tuple[str, str, int]]:
 
 def test_layouts_match_the_uapi_headers(host_kernel: Path, tmp_path: Path) -> None:
     include = host_kernel.parent / "include"
-    if not (include / "iommufd_test.h").is_file():
-        pytest.skip(reason=f"no installed uapi headers next to {host_kernel} (make host-kernel)")
-    if shutil.which("gcc") is None:
-        pytest.skip(reason="no C compiler to compute the header layouts")
+    missing = [str(include / h) for h in ("linux/iommufd.h", "iommufd_test.h")
+               if not (include / h).is_file()]
+    assert not missing, (f"the L1 kernel's cache entry lacks the uapi headers {missing}: "
+                         "scripts/build-kernel installs them with every kernel it builds")
+    assert shutil.which("gcc"), "no gcc: the kernel build needs it, so does this check"
     rows = layout_table()
     src = tmp_path / "layout.c"
     body = "\n".join(f'    printf("%zu\\n", (size_t)({expr}));' for expr, _, _ in rows)

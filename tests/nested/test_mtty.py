@@ -63,11 +63,17 @@ def test_cpr_leaves_the_device_state_alone(l1: L1Outcome, mode: str) -> None:
         assert u["kernel"]["resets"] == 0 and u["kernel"]["reset_log_lines"] == 0, u["kernel"]
         assert_device_running_as_programmed(u)
         assert_guest_used_the_device(u)
+        assert u["mism_before"] == u["mism_after"] == 0, u
     pids = {u["pid"] for u in rows}
     if mode == "cpr-exec":
         assert all(u["pid"] == u["pid_before"] for u in rows)
     else:
         assert len(pids) == UPDATES and all(u["pid"] != u["pid_before"] for u in rows)
+
+
+def test_a_verified_pattern_pass_follows_the_updates(l1: L1Outcome) -> None:
+    after = mtty_result(l1)["figures"]["pass_after_updates"]
+    assert after["mism"] == 0 and after["heartbeat_mism"] == 0, after
 
 
 def test_normal_migration_still_migrates_the_device_state(l1: L1Outcome) -> None:

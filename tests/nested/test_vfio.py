@@ -8,8 +8,12 @@ session fixture `l1` in conftest.py); these tests read the results:
 - L1 itself: our kernel, an IOMMU, /dev/iommu, edu bound to vfio-pci;
 - IOMMUFD_TEST: CHANGE_PROCESS across a real exec, by file vs by vaddr;
 - for iommufd and legacy type1: DMA heartbeat before and after each of 5
-  cpr-exec updates, the mapping mode as QEMU traced it, CHANGE_PROCESS
-  after each exec (iommufd), guest memory pattern intact throughout;
+  cpr-exec updates, DMA completing within a few heartbeats of each resume
+  and, in each run, a DMA issued before STOP that completed after RESUME
+  (the guest's own counters), the mapping mode as QEMU traced it and as
+  QEMU reports it (x-query-cpr-memory: missing is a failure),
+  CHANGE_PROCESS after each exec (iommufd), guest memory pattern intact
+  throughout;
 - nothing left behind, in L1 or here.
 """
 
@@ -20,6 +24,7 @@ from typing import Any
 import pytest
 
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
+from .l1_vfio import round_trip_bound, transfer_bound
 
 pytestmark = pytest.mark.nested
 
@@ -79,15 +84,33 @@ def test_dma_continues_through_cpr_exec_updates(l1: L1Outcome, backend: str) -> 
     assert len({u["pid"] for u in updates}) == 1
 
 
+@pytest.mark.parametrize("backend", ["iommufd", "legacy"])
+def test_dma_completes_right_after_each_resume(l1: L1Outcome, backend: str) -> None:
+    """From the guest's heartbeat counters around each pause: a transfer and
+    a verified round trip end within a few heartbeats of the resume, and in
+    the run a DMA issued before STOP completed after RESUME (in flight at the
+    last heartbeat before STOP, seen finished only after RESUME)."""
+    res = assert_scenario_passed(l1, f"vfio-{backend}")
+    hb_ms = res["figures"]["hb_ms"]
+    arounds = [u["around_pause"] for u in res["figures"]["updates"]]
+    assert len(arounds) == UPDATES
+    for a in arounds:
+        assert a["found"] and a["dma_err_delta"] == 0, a
+        assert a["transfer_done_at"] is not None, a
+        assert a["transfer_done_at"] <= transfer_bound(hb_ms), a
+        assert a["round_trip_done_at"] is not None, a
+        assert a["round_trip_done_at"] <= round_trip_bound(hb_ms), a
+    assert any(a["in_flight_across"] for a in arounds), arounds
+
+
 @pytest.mark.parametrize("backend,mode", [("iommufd", "file"), ("legacy", "vaddr")])
 def test_guest_ram_mapping_mode_is_observed(l1: L1Outcome, backend: str, mode: str) -> None:
     res = assert_scenario_passed(l1, f"vfio-{backend}")
-    # QEMU's own report (x-query-cpr-memory, from our series), when present
+    # QEMU's own report (x-query-cpr-memory, from our series): it must be there
     views = [res["figures"]["qmp_view_at_start"]] + [
         u["qmp_view"] for u in res["figures"]["updates"]]
     for view in views:
-        if view is None:
-            continue
+        assert view is not None, "x-query-cpr-memory is missing from our QEMU"
         (container,) = view["containers"]
         assert container["ram0_modes"] == [mode], view
         if mode == "file":

@@ -3,7 +3,7 @@
  * mdma: a mediated PCI device that DMAs a heartbeat into guest memory.
  *
  * The in-tree mdev samples (mtty, mdpy, mbochs) never touch guest memory.
- * mdma does, from a kernel worker, the way a mediated device with an
+ * mdma does, from a kernel thread, the way a mediated device with an
  * emulated IOMMU must: every period it pins the target page with
  * vfio_pin_pages(), writes one ring record through the kernel mapping,
  * unpins it, then writes the ring header with vfio_dma_rw().  Every
@@ -40,7 +40,25 @@
  * Pins are held only inside one period's work, under the device lock; the
  * dma_unmap callback takes the same lock, so no pin outlives an unmap.
  *
- * sysfs: /sys/bus/mdev/devices/<uuid>/vendor/stats (key value per line)
+ * Timing.  The worker is a SCHED_FIFO kthread bound to one CPU that sleeps
+ * until absolute deadlines (CLOCK_MONOTONIC), so only L1 itself (its vCPU
+ * not running, interrupts off) or the DMA path can delay a beat, not the
+ * load of ordinary tasks.  Each successful beat is timestamped with
+ * ktime_get_ns() when the pin returned and when the header write returned,
+ * into a ring the harness reads.  A witness, a hard-irq hrtimer pinned to
+ * the same CPU every MDMA_WITNESS_NS, records every interval in which it
+ * could not run on time (gap > 2 * MDMA_WITNESS_NS): a late beat inside
+ * such an interval is L1's stall, one outside it is the device's.  The
+ * witness shares no lock with the DMA path.
+ *
+ * Fault injection (negative controls): /sys/module/mdma/parameters/stall_ms
+ * delays every pin by that many ms.
+ *
+ * sysfs:   /sys/bus/mdev/devices/<uuid>/vendor/stats (key value per line)
+ * debugfs: mdma/<uuid>/beats    "seq pin_ns rw_ns" per successful beat,
+ *                               oldest first (the last MDMA_NR_BEATS)
+ *          mdma/<uuid>/witness  "key value" lines, then "from_ns to_ns"
+ *                               per witness stall (the last MDMA_NR_STALLS)
  */
 #include <linux/init.h>
 #include <linux/module.h>
@@ -48,7 +66,15 @@
 #include <linux/slab.h>
 #include <linux/highmem.h>
 #include <linux/ktime.h>
-#include <linux/workqueue.h>
+#include <linux/hrtimer.h>
+#include <linux/kthread.h>
+#include <linux/sched.h>
+#include <linux/delay.h>
+#include <linux/debugfs.h>
+#include <linux/seq_file.h>
+#include <linux/spinlock.h>
+#include <linux/cpumask.h>
+#include <linux/moduleparam.h>
 #include <linux/vfio.h>
 #include <linux/iommu.h>
 #include <linux/sysfs.h>
@@ -90,9 +116,16 @@
 #define MDMA_MAX_LEN		SZ_1M
 #define MDMA_MAX_PERIOD_MS	10000
 #define MDMA_NR_ERRNO		134	/* errnos counted one by one */
+#define MDMA_NR_BEATS		4096	/* successful beats kept for the harness */
+#define MDMA_NR_STALLS		1024	/* witness stalls kept for the harness */
+#define MDMA_WITNESS_NS		(5 * NSEC_PER_MSEC)
 
 MODULE_DESCRIPTION("Mediated PCI device writing a DMA heartbeat to guest memory");
 MODULE_LICENSE("GPL");
+
+static unsigned int stall_ms;
+module_param(stall_ms, uint, 0644);
+MODULE_PARM_DESC(stall_ms, "fault injection: delay every pin by this many ms");
 
 struct mdma_hdr {
 	__le64 magic;
@@ -104,6 +137,29 @@ struct mdma_hdr {
 struct mdma_rec {
 	__le64 seq;
 	__le64 ts_ns;
+};
+
+/* One successful beat: when its pin and its header write returned. */
+struct mdma_beat {
+	u64 seq;
+	u64 pin_ns;
+	u64 rw_ns;
+};
+
+/* An interval in which the witness could not run on time. */
+struct mdma_stall {
+	u64 from_ns;
+	u64 to_ns;
+};
+
+struct mdma_witness {
+	struct hrtimer timer;
+	spinlock_t lock;		/* everything below; taken in hard irq */
+	u64 last_ns;
+	u64 ticks;
+	u64 max_gap_ns;
+	u64 nr_stalls;			/* ever; ring slot = nr % MDMA_NR_STALLS */
+	struct mdma_stall *stalls;
 };
 
 struct mdma_stats {
@@ -124,8 +180,13 @@ struct mdma_stats {
 struct mdma_state {
 	struct vfio_device vdev;
 	struct mdev_device *mdev;
-	struct mutex lock;		/* registers, DMA target, stats */
-	struct delayed_work work;
+	struct mutex ctl_lock;		/* serialises start and stop */
+	struct mutex lock;		/* registers, DMA target, stats, beats */
+	struct task_struct *thread;	/* the worker, while running */
+	unsigned int cpu;		/* where the worker and witness run */
+	struct mdma_beat *beats;	/* ring, slot = seq % MDMA_NR_BEATS */
+	struct mdma_witness witness;
+	struct dentry *debugfs;
 	u8 vconfig[MDMA_CONFIG_SIZE];
 	u32 bar_mask;
 	u64 iova;
@@ -150,6 +211,7 @@ static const struct class mdma_class = {
 
 static struct device mdma_dev;
 static struct mdev_parent mdma_parent;
+static struct dentry *mdma_debugfs_root;
 static const struct vfio_device_ops mdma_dev_ops;
 
 static struct mdma_state *to_mdma(struct vfio_device *vdev)
@@ -166,9 +228,14 @@ static void mdma_count_error(struct mdma_state *st, int err)
 	st->status |= MDMA_STATUS_FAILED;
 }
 
-/* Write record @seq into the ring through a page pinned for this write. */
-static int mdma_write_record(struct mdma_state *st, u64 seq, u64 now)
+/*
+ * Write record @seq into the ring through a page pinned for this write;
+ * *@pin_ns is when the pin returned.
+ */
+static int mdma_write_record(struct mdma_state *st, u64 seq, u64 now,
+			     u64 *pin_ns)
 {
+	unsigned int delay_ms = READ_ONCE(stall_ms);
 	u32 slots = (st->len - MDMA_HDR_SIZE) / MDMA_REC_SIZE;
 	dma_addr_t iova = st->iova + MDMA_HDR_SIZE +
 			  (seq % slots) * MDMA_REC_SIZE;
@@ -180,12 +247,15 @@ static int mdma_write_record(struct mdma_state *st, u64 seq, u64 now)
 	void *va;
 	int ret;
 
+	if (delay_ms)
+		msleep(delay_ms);
 	ret = vfio_pin_pages(&st->vdev, ALIGN_DOWN(iova, PAGE_SIZE), 1,
 			     IOMMU_READ | IOMMU_WRITE, &page);
 	if (ret != 1) {
 		st->stats.pin_err++;
 		return ret < 0 ? ret : -EFAULT;
 	}
+	*pin_ns = ktime_get_ns();
 	st->stats.pin_ok++;
 	va = kmap_local_page(page);
 	memcpy(va + offset_in_page(iova), &rec, sizeof(rec));
@@ -217,10 +287,12 @@ static void mdma_beat(struct mdma_state *st)
 {
 	u64 seq = st->stats.beats + 1;
 	u64 now = ktime_get_ns();
+	u64 pin_ns = 0, rw_ns;
+	struct mdma_beat *b;
 	int ret;
 
 	st->stats.ticks++;
-	ret = mdma_write_record(st, seq, now);
+	ret = mdma_write_record(st, seq, now, &pin_ns);
 	if (!ret) {
 		/* the record must be visible before the header names it */
 		wmb();
@@ -230,31 +302,90 @@ static void mdma_beat(struct mdma_state *st)
 		mdma_count_error(st, ret);
 		return;
 	}
+	rw_ns = ktime_get_ns();
 	st->status &= ~MDMA_STATUS_FAILED;
 	st->stats.beats = seq;
+	b = &st->beats[seq % MDMA_NR_BEATS];
+	b->seq = seq;
+	b->pin_ns = pin_ns;
+	b->rw_ns = rw_ns;
 	if (st->stats.last_beat_ns &&
-	    now - st->stats.last_beat_ns > st->stats.max_gap_ns)
-		st->stats.max_gap_ns = now - st->stats.last_beat_ns;
-	st->stats.last_beat_ns = now;
+	    rw_ns - st->stats.last_beat_ns > st->stats.max_gap_ns)
+		st->stats.max_gap_ns = rw_ns - st->stats.last_beat_ns;
+	st->stats.last_beat_ns = rw_ns;
 }
 
-static void mdma_work(struct work_struct *work)
+static enum hrtimer_restart mdma_witness_tick(struct hrtimer *timer)
 {
-	struct mdma_state *st = container_of(to_delayed_work(work),
-					     struct mdma_state, work);
+	struct mdma_witness *w = container_of(timer, struct mdma_witness,
+					      timer);
+	u64 now = ktime_get_ns();
 
-	mutex_lock(&st->lock);
-	if (st->running) {
-		mdma_beat(st);
-		schedule_delayed_work(&st->work,
-				      msecs_to_jiffies(st->period_ms));
+	spin_lock(&w->lock);
+	if (w->last_ns) {
+		u64 gap = now - w->last_ns;
+
+		if (gap > w->max_gap_ns)
+			w->max_gap_ns = gap;
+		if (gap > 2 * MDMA_WITNESS_NS) {
+			struct mdma_stall *s;
+
+			s = &w->stalls[w->nr_stalls++ % MDMA_NR_STALLS];
+			s->from_ns = w->last_ns;
+			s->to_ns = now;
+		}
 	}
-	mutex_unlock(&st->lock);
+	w->last_ns = now;
+	w->ticks++;
+	spin_unlock(&w->lock);
+	hrtimer_forward_now(timer, ns_to_ktime(MDMA_WITNESS_NS));
+	return HRTIMER_RESTART;
 }
 
-/* Called with st->lock held. */
+/*
+ * The worker: one beat per period at absolute deadlines.  It runs bound to
+ * st->cpu and arms the witness there; it never exits on its own, only
+ * through kthread_stop().
+ */
+static int mdma_thread(void *data)
+{
+	struct mdma_state *st = data;
+	struct mdma_witness *w = &st->witness;
+	ktime_t next = ktime_get();
+
+	spin_lock_irq(&w->lock);
+	w->last_ns = 0;
+	spin_unlock_irq(&w->lock);
+	hrtimer_start(&w->timer, ns_to_ktime(MDMA_WITNESS_NS),
+		      HRTIMER_MODE_REL_PINNED_HARD);
+	while (!kthread_should_stop()) {
+		u32 period_ms;
+
+		mutex_lock(&st->lock);
+		if (st->running)
+			mdma_beat(st);
+		period_ms = st->period_ms;
+		mutex_unlock(&st->lock);
+
+		next = ktime_add_ms(next, period_ms);
+		if (ktime_before(next, ktime_get()))
+			next = ktime_get();	/* late: no burst to catch up */
+		set_current_state(TASK_INTERRUPTIBLE);
+		if (kthread_should_stop()) {
+			__set_current_state(TASK_RUNNING);
+			break;
+		}
+		schedule_hrtimeout(&next, HRTIMER_MODE_ABS);
+	}
+	hrtimer_cancel(&w->timer);
+	return 0;
+}
+
+/* Called with st->ctl_lock and st->lock held. */
 static void mdma_start(struct mdma_state *st)
 {
+	struct task_struct *t;
+
 	st->status &= ~MDMA_STATUS_REJECTED;
 	if (!IS_ALIGNED(st->iova, 64) || st->len < MDMA_MIN_LEN ||
 	    st->len > MDMA_MAX_LEN || !st->period_ms ||
@@ -262,24 +393,50 @@ static void mdma_start(struct mdma_state *st)
 		st->status |= MDMA_STATUS_REJECTED;
 		return;
 	}
+	st->cpu = cpumask_first(cpu_online_mask);
+	t = kthread_create(mdma_thread, st, "mdma/%s", dev_name(st->vdev.dev));
+	if (IS_ERR(t)) {
+		mdma_count_error(st, PTR_ERR(t));
+		return;
+	}
+	kthread_bind(t, st->cpu);
+	sched_set_fifo_low(t);
+	st->thread = t;
 	st->running = true;
 	st->stats.last_beat_ns = 0;
-	dev_info(st->vdev.dev, "heartbeat to iova 0x%llx len %u every %u ms\n",
-		 st->iova, st->len, st->period_ms);
-	schedule_delayed_work(&st->work, 0);
+	dev_info(st->vdev.dev,
+		 "heartbeat to iova 0x%llx len %u every %u ms on cpu %u\n",
+		 st->iova, st->len, st->period_ms, st->cpu);
+	wake_up_process(t);
 }
 
 /*
- * Stop the worker.  Must not be called with st->lock held: the work takes
- * it.  After this returns no DMA is in flight or scheduled.
+ * Called with st->ctl_lock and st->lock held: mark the device stopped and
+ * hand back the worker, which the caller stops with kthread_stop() once it
+ * has dropped st->lock (the worker takes it), still under st->ctl_lock.
  */
+static struct task_struct *mdma_halt(struct mdma_state *st)
+{
+	struct task_struct *t = st->thread;
+
+	st->running = false;
+	st->thread = NULL;
+	return t;
+}
+
+/* Stop the worker: after this returns no DMA is in flight or scheduled. */
 static void mdma_stop(struct mdma_state *st)
 {
+	struct task_struct *t;
+
+	mutex_lock(&st->ctl_lock);
 	mutex_lock(&st->lock);
-	st->running = false;
 	st->ctrl = 0;
+	t = mdma_halt(st);
 	mutex_unlock(&st->lock);
-	cancel_delayed_work_sync(&st->work);
+	if (t)
+		kthread_stop(t);
+	mutex_unlock(&st->ctl_lock);
 }
 
 static u32 mdma_reg_read(struct mdma_state *st, u32 off)
@@ -311,8 +468,12 @@ static u32 mdma_reg_read(struct mdma_state *st, u32 off)
 	return 0;
 }
 
-/* Called with st->lock held; returns true when the worker must stop. */
-static bool mdma_reg_write(struct mdma_state *st, u32 off, u32 val)
+/*
+ * Called with st->ctl_lock and st->lock held; returns the worker to stop
+ * (see mdma_halt()), or NULL.
+ */
+static struct task_struct *mdma_reg_write(struct mdma_state *st, u32 off,
+					  u32 val)
 {
 	switch (off) {
 	case MDMA_REG_IOVA_LO:
@@ -331,13 +492,11 @@ static bool mdma_reg_write(struct mdma_state *st, u32 off, u32 val)
 		st->ctrl = val & MDMA_CTRL_RUN;
 		if (st->ctrl && !st->running)
 			mdma_start(st);
-		else if (!st->ctrl && st->running) {
-			st->running = false;
-			return true;
-		}
+		else if (!st->ctrl && st->running)
+			return mdma_halt(st);
 		break;
 	}
-	return false;
+	return NULL;
 }
 
 static void mdma_cfg_write(struct mdma_state *st, u32 off, u32 val,
@@ -364,8 +523,9 @@ static void mdma_cfg_write(struct mdma_state *st, u32 off, u32 val,
 static int mdma_access(struct mdma_state *st, u32 *val, size_t count,
 		       loff_t pos, bool is_write)
 {
-	bool stop = false;
+	struct task_struct *stop = NULL;
 
+	mutex_lock(&st->ctl_lock);
 	mutex_lock(&st->lock);
 	if (pos >= 0 && pos + count <= MDMA_CONFIG_SIZE) {
 		if (is_write)
@@ -387,17 +547,13 @@ static int mdma_access(struct mdma_state *st, u32 *val, size_t count,
 		}
 	} else {
 		mutex_unlock(&st->lock);
+		mutex_unlock(&st->ctl_lock);
 		return -EINVAL;
 	}
 	mutex_unlock(&st->lock);
-	if (stop) {
-		/* the worker sees !running; drop what is queued, keep a restart */
-		cancel_delayed_work_sync(&st->work);
-		mutex_lock(&st->lock);
-		if (st->running)
-			schedule_delayed_work(&st->work, 0);
-		mutex_unlock(&st->lock);
-	}
+	if (stop)
+		kthread_stop(stop);
+	mutex_unlock(&st->ctl_lock);
 	return 0;
 }
 
@@ -585,17 +741,74 @@ static int mdma_init_dev(struct vfio_device *vdev)
 {
 	struct mdma_state *st = to_mdma(vdev);
 
+	st->beats = kvcalloc(MDMA_NR_BEATS, sizeof(*st->beats), GFP_KERNEL);
+	st->witness.stalls = kvcalloc(MDMA_NR_STALLS,
+				      sizeof(*st->witness.stalls), GFP_KERNEL);
+	if (!st->beats || !st->witness.stalls) {
+		kvfree(st->beats);
+		kvfree(st->witness.stalls);
+		return -ENOMEM;
+	}
 	st->mdev = to_mdev_device(vdev->dev);
+	mutex_init(&st->ctl_lock);
 	mutex_init(&st->lock);
-	INIT_DELAYED_WORK(&st->work, mdma_work);
+	spin_lock_init(&st->witness.lock);
+	hrtimer_setup(&st->witness.timer, mdma_witness_tick, CLOCK_MONOTONIC,
+		      HRTIMER_MODE_REL_PINNED_HARD);
 	mdma_create_config_space(st);
 	return 0;
 }
 
 static void mdma_release_dev(struct vfio_device *vdev)
 {
-	mutex_destroy(&to_mdma(vdev)->lock);
+	struct mdma_state *st = to_mdma(vdev);
+
+	mutex_destroy(&st->lock);
+	mutex_destroy(&st->ctl_lock);
+	kvfree(st->beats);
+	kvfree(st->witness.stalls);
 }
+
+static int mdma_beats_show(struct seq_file *m, void *v)
+{
+	struct mdma_state *st = m->private;
+	u64 seq, first;
+
+	mutex_lock(&st->lock);
+	seq = st->stats.beats;
+	first = seq > MDMA_NR_BEATS ? seq - MDMA_NR_BEATS + 1 : 1;
+	seq_puts(m, "# seq pin_ns rw_ns\n");
+	for (; first <= seq; first++) {
+		struct mdma_beat *b = &st->beats[first % MDMA_NR_BEATS];
+
+		seq_printf(m, "%llu %llu %llu\n", b->seq, b->pin_ns, b->rw_ns);
+	}
+	mutex_unlock(&st->lock);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(mdma_beats);
+
+static int mdma_witness_show(struct seq_file *m, void *v)
+{
+	struct mdma_state *st = m->private;
+	struct mdma_witness *w = &st->witness;
+	u64 n, first;
+
+	spin_lock_irq(&w->lock);
+	n = w->nr_stalls;
+	first = n > MDMA_NR_STALLS ? n - MDMA_NR_STALLS : 0;
+	seq_printf(m, "period_ns %llu\ncpu %u\nticks %llu\nmax_gap_ns %llu\n"
+		   "stalls %llu\n", (u64)MDMA_WITNESS_NS, st->cpu, w->ticks,
+		   w->max_gap_ns, n);
+	for (; first < n; first++) {
+		struct mdma_stall *s = &w->stalls[first % MDMA_NR_STALLS];
+
+		seq_printf(m, "%llu %llu\n", s->from_ns, s->to_ns);
+	}
+	spin_unlock_irq(&w->lock);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(mdma_witness);
 
 static int mdma_probe(struct mdev_device *mdev)
 {
@@ -611,6 +824,11 @@ static int mdma_probe(struct mdev_device *mdev)
 		return ret;
 	}
 	dev_set_drvdata(&mdev->dev, st);
+	st->debugfs = debugfs_create_dir(dev_name(&mdev->dev),
+					 mdma_debugfs_root);
+	debugfs_create_file("beats", 0444, st->debugfs, st, &mdma_beats_fops);
+	debugfs_create_file("witness", 0444, st->debugfs, st,
+			    &mdma_witness_fops);
 	return 0;
 }
 
@@ -618,6 +836,7 @@ static void mdma_remove(struct mdev_device *mdev)
 {
 	struct mdma_state *st = dev_get_drvdata(&mdev->dev);
 
+	debugfs_remove(st->debugfs);
 	vfio_unregister_group_dev(&st->vdev);
 	vfio_put_device(&st->vdev);
 }
@@ -634,11 +853,12 @@ static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
 		       "running %d\niova 0x%llx\nlen %u\nperiod_ms %u\n"
 		       "ticks %llu\nbeats %llu\npin_ok %llu\npin_err %llu\n"
 		       "rw_ok %llu\nrw_err %llu\nunmap_calls %llu\n"
-		       "unmap_hits %llu\nmax_gap_ns %llu\nlast_errno %d\n",
+		       "unmap_hits %llu\nmax_gap_ns %llu\nlast_errno %d\n"
+		       "cpu %u\nstall_ms %u\n",
 		       st->running, st->iova, st->len, st->period_ms,
 		       s->ticks, s->beats, s->pin_ok, s->pin_err, s->rw_ok,
 		       s->rw_err, s->unmap_calls, s->unmap_hits, s->max_gap_ns,
-		       s->last_errno);
+		       s->last_errno, st->cpu, READ_ONCE(stall_ms));
 	for (e = 0; e < MDMA_NR_ERRNO; e++)
 		if (s->errno_count[e])
 			n += sysfs_emit_at(buf, n, "errno_%d %llu\n", e,
@@ -707,9 +927,10 @@ static int __init mdma_init(void)
 {
 	int ret;
 
+	mdma_debugfs_root = debugfs_create_dir(MDMA_NAME, NULL);
 	ret = mdev_register_driver(&mdma_driver);
 	if (ret)
-		return ret;
+		goto err_debugfs;
 	ret = class_register(&mdma_class);
 	if (ret)
 		goto err_driver;
@@ -732,6 +953,8 @@ err_put:
 	class_unregister(&mdma_class);
 err_driver:
 	mdev_unregister_driver(&mdma_driver);
+err_debugfs:
+	debugfs_remove(mdma_debugfs_root);
 	return ret;
 }
 
@@ -741,6 +964,7 @@ static void __exit mdma_exit(void)
 	device_unregister(&mdma_dev);
 	mdev_unregister_driver(&mdma_driver);
 	class_unregister(&mdma_class);
+	debugfs_remove(mdma_debugfs_root);
 }
 
 module_init(mdma_init);

@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cffi import FFI
 
-from ._ffi import check_layouts
+from sealvm._ffi import check_layouts
 
 ffi = FFI()
 ffi.cdef(

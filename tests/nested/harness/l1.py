@@ -43,13 +43,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SealvmError
-from .spec import DEFAULT_FIRMWARE
+from sealvm.errors import SealvmError
+from sealvm.spec import DEFAULT_FIRMWARE
 
-log = logging.getLogger("sealvm.nested")
+log = logging.getLogger("sealvm.testing.l1")
 
 #: PID 1 of L1 (must be reachable at the same path through the 9p root).
-DEFAULT_INIT = Path(__file__).resolve().parents[2] / "images" / "host" / "init"
+DEFAULT_INIT = Path(__file__).resolve().parents[3] / "images" / "host" / "init"
 #: Mount point of the writable share inside L1 (see images/host/init).
 L1_SHARE = "/run/sealvm-l1/share"
 #: Harness files inside the share.
@@ -68,9 +68,15 @@ _DONE_LINE = re.compile(r"SEALVM-L1 done status=(\d+) uptime=([0-9.]+)")
 class NestedError(SealvmError):
     """The nested test bed failed (not the command run inside it)."""
 
-    def __init__(self, message: str, *, console: str = "", output: str = "") -> None:
+    def __init__(self, message: str, *, console: str = "", output: str = "",
+                 argv: Sequence[str] = (), qemu_status: int | None = None) -> None:
+        #: L1's serial console, with L0 QEMU's own stdout and stderr
         self.console = console
+        #: the command's output, when L1 got that far
         self.output = output
+        #: the L0 QEMU command line and how it ended (None: still running)
+        self.argv = list(argv)
+        self.qemu_status = qemu_status
         text = message
         if console:
             tail = "\n".join(console.splitlines()[-25:])
@@ -193,7 +199,7 @@ def l1_argv(cfg: L1Config, *, share: Path) -> list[str]:
 
 def command_script(command: Sequence[str], env: Mapping[str, str]) -> str:
     """The shell script init runs: the environment, then exec the command."""
-    lines = ["# written by sealvm.nested"]
+    lines = ["# written by nested.harness.l1"]
     for key, value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"env: {key!r} is not a variable name")
@@ -334,7 +340,8 @@ async def _run(cfg: L1Config, command: list[str], share: Path, console_log: Path
             await pump
             why = (f"L0 QEMU exited with status {proc.returncode}" if qemu_exited
                    else f"no init within {min(boot_timeout, timeout):.0f} s")
-            raise L1BootError(f"L1 did not reach init: {why}", console=console.text)
+            raise L1BootError(f"L1 did not reach init: {why}", console=console.text,
+                              argv=argv, qemu_status=proc.returncode)
         remaining = timeout - (time.monotonic() - start)
         try:
             async with asyncio.timeout(max(remaining, 0.1)):
@@ -343,8 +350,8 @@ async def _run(cfg: L1Config, command: list[str], share: Path, console_log: Path
             await _reap(proc)
             await pump
             raise L1Timeout(f"L1 run exceeded {timeout:.0f} s and was killed",
-                            console=console.text,
-                            output=_ctl_text(share, "output") or "") from None
+                            console=console.text, output=_ctl_text(share, "output") or "",
+                            argv=argv, qemu_status=proc.returncode) from None
         await pump
     except BaseException:
         await _reap(proc)
@@ -360,7 +367,8 @@ async def _run(cfg: L1Config, command: list[str], share: Path, console_log: Path
     output = _ctl_text(share, "output") or ""
     if status_text is None or not status_text.strip().isdigit():
         raise L1Error(f"L1 ended (L0 QEMU status {proc.returncode}) without the command's "
-                      "exit status", console=console.text, output=output)
+                      "exit status", console=console.text, output=output, argv=argv,
+                      qemu_status=proc.returncode)
     assert console.init_uptime is not None and console.init_seen is not None
     done_uptime = console.done[1] if console.done else console.init_uptime
     result = L1Result(
