@@ -12,7 +12,8 @@ The duplicate shares QEMU's open file; the reads below change nothing.
 ABI mode, structs copied field by field from Linux 7.2's
 ``include/uapi/linux/vfio.h``, sizes checked at import (`HEADER_SIZES`).
 Each ioctl comes as a pair: ``_name()`` returns ``(result, errno)``,
-``name()`` raises `OSError` carrying errno (as in the IOMMUFD_TEST bindings, tests/nested/harness/iommufd.py).
+``name()`` raises `OSError` carrying errno (as in the IOMMUFD_TEST bindings,
+tests/nested/harness/iommufd.py).
 """
 
 from __future__ import annotations
