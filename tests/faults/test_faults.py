@@ -98,7 +98,7 @@ def leftovers(paths: RunPaths) -> list[str]:
     files = [paths.journal, paths.cpr_state, paths.cpr_sock, paths.main_sock,
              paths.keeper_sock, *paths.root.glob("qmp-next-*")]
     keepers = [f"keeper pid {p}" for p in procfs.pids_with_arg(paths.root.name)
-               if "sealvm.update.wayback" in (procfs.cmdline(p) or [])]
+               if any(a.endswith("/keeper.py") for a in procfs.cmdline(p) or [])]
     return [p.name for p in files if p.exists()] + keepers
 
 

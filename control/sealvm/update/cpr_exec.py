@@ -58,7 +58,7 @@ async def run(ctx: UpdateContext) -> None:
     keeper = None
     try:
         command = [str(trampoline()), str(vm.paths.keeper_sock), "--", *new_argv]
-        keeper = Keeper.start(vm.paths)
+        keeper = await Keeper.start(vm.paths)
         await vm.execute("migrate-set-capabilities", EVENTS_ON)
         await vm.execute("migrate-set-parameters",
                          {"mode": "cpr-exec", "cpr-exec-command": command})

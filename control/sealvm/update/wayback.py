@@ -12,9 +12,10 @@ then start the *previous* QEMU on the same fds, at the same numbers, with
 the CPR state: it loads the device-state file and resumes the guest, which
 never ran on the new QEMU (that one waits with ``-S``).
 
-The keeper is started for each cpr-exec before ``migrate`` and released
-when the update ends (by the controller or by `recover`).  Protocol, one
-request per connection, one line each::
+The keeper (`keeper`, a stdlib-only script) is started for each cpr-exec
+before ``migrate``, answers before the update goes on, and is released when
+the update ends (by the controller or by `recover`).  Protocol, one request
+per connection, one line each::
 
     fds state=N A B C ...   (+ SCM_RIGHTS)  -> "k"   the trampoline
     status                                  -> {"held": [A, B, ...], "state": N}
@@ -24,10 +25,8 @@ request per connection, one line each::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,18 +35,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .. import procfs
 from ..errors import HostError, StateError
+from ..machine import listen_unix
 from ..plan import RunPaths
 from ..process import QemuProcess
 
-#: the keeper gives up (closing every fd) if nobody releases it by then
-MAX_LIFETIME = 3600.0
 _SOURCE = "exec-trampoline.c"
 
 
@@ -108,25 +105,31 @@ class Keeper:
         self.start_time = start_time
 
     @classmethod
-    def start(cls, paths: RunPaths) -> Keeper:
-        """Start a keeper listening at ``paths.keeper_sock``.
+    async def start(cls, paths: RunPaths, *, timeout: float = 60.0) -> Keeper:
+        """Start a keeper listening at ``paths.keeper_sock`` and wait until it
+        answers, so that its start-up never falls inside the guest's pause.
 
-        :raise HostError: when it cannot be started.
+        :raise HostError: when it cannot be started or does not answer.
         """
-        from ..machine import listen_unix
-
         listener = listen_unix(paths.keeper_sock)
         try:
+            # stdlib only, run by path in isolated mode: starts in tens of ms
             p = subprocess.Popen(
-                [sys.executable, "-m", "sealvm.update.wayback", "--fd",
-                 str(listener.fileno()), "--name", paths.root.name],
+                [sys.executable, "-I", str(Path(__file__).with_name("keeper.py")),
+                 "--fd", str(listener.fileno()), "--name", paths.root.name],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=[listener.fileno()], start_new_session=True)
         except OSError as exc:
             raise HostError(f"cannot start the cpr-exec keeper: {exc}") from exc
         finally:
             listener.close()
-        return cls(paths, p.pid, procfs.start_time(p.pid) or 0)
+        self = cls(paths, p.pid, procfs.start_time(p.pid) or 0)
+        try:
+            await self.request("status", timeout=timeout)
+        except StateError as exc:
+            await self.release()
+            raise HostError(f"the cpr-exec keeper does not answer: {exc}") from exc
+        return self
 
     @classmethod
     def of(cls, paths: RunPaths, record: dict[str, Any]) -> Keeper | None:
@@ -188,94 +191,3 @@ class Keeper:
                 proc.close()
         with contextlib.suppress(FileNotFoundError):
             self.paths.keeper_sock.unlink()
-
-
-# ------------------------------------------------------------------ server
-
-
-def _spawn(argv: list[str], held: dict[int, int], state: int, log: str) -> int:
-    """posix_spawn *argv* with each held fd at its number in the old QEMU."""
-    top = max([*held, 2]) + 1
-    moved = {num: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top + 64) for num, fd in held.items()}
-    logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        actions: list[tuple[int, int, int]] = [
-            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, logfd, 1),
-            (os.POSIX_SPAWN_DUP2, logfd, 2)]
-        actions += [(os.POSIX_SPAWN_DUP2, fd, num) for num, fd in moved.items()]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_CPR_EXEC")}
-        env["QEMU_CPR_EXEC_STATE"] = str(state)
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    finally:
-        for fd in (*moved.values(), logfd, null):
-            os.close(fd)
-
-
-def serve(listen_fd: int) -> int:
-    sock = socket.socket(fileno=listen_fd)
-    sock.settimeout(MAX_LIFETIME)
-    held: dict[int, int] = {}
-    state: int | None = None
-    deadline = time.monotonic() + MAX_LIFETIME
-    try:
-        while time.monotonic() < deadline:
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                break
-            with conn:
-                conn.settimeout(10)
-                msg, fds, _, _ = socket.recv_fds(conn, 65536, 253)
-                for fd in fds:  # received without close-on-exec: no leak into a spawn
-                    os.set_inheritable(fd, False)
-                while not msg.endswith(b"\n"):
-                    more = conn.recv(65536)
-                    if not more:
-                        break
-                    msg += more
-                words = msg.decode(errors="replace").strip().split(" ", 1)
-                verb, rest = words[0], (words[1] if len(words) > 1 else "")
-                if verb == "fds":
-                    for fd in held.values():
-                        os.close(fd)
-                    head, *nums = rest.split()
-                    state = None if head == "state=-" else int(head.removeprefix("state="))
-                    held = dict(zip((int(n) for n in nums), fds, strict=True))
-                    conn.sendall(b"k")
-                    continue
-                for fd in fds:
-                    os.close(fd)
-                if verb == "status":
-                    conn.sendall(json.dumps({"held": sorted(held), "state": state}).encode())
-                elif verb == "fallback":
-                    req = json.loads(rest)
-                    if state is None or not held:
-                        reply: dict[str, Any] = {"error": "no fds were handed over"}
-                    else:
-                        try:
-                            reply = {"pid": _spawn(req["argv"], held, state, req["log"])}
-                        except OSError as exc:
-                            reply = {"error": f"{req['argv'][0]}: {exc}"}
-                    conn.sendall(json.dumps(reply).encode())
-                elif verb == "release":
-                    conn.sendall(b"k")
-                    return 0
-                else:
-                    conn.sendall(json.dumps({"error": f"unknown request {verb!r}"}).encode())
-    finally:
-        for fd in held.values():
-            os.close(fd)
-    return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sealvm-keeper", description=__doc__)
-    p.add_argument("--fd", type=int, required=True, help="the listening socket, inherited")
-    p.add_argument("--name", default="", help="the VM (for ps)")
-    args = p.parse_args(argv)
-    return serve(args.fd)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
