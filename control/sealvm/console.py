@@ -257,18 +257,18 @@ class ConsoleFollower:
                         return
                 await self._changed.wait()  # set by the follower thread
 
-    async def wait_full_pass(self, timeout: float = 60.0) -> int:
+    async def wait_full_pass(self, timeout: float = 60.0) -> Pass:
         """Wait until the guest has completed a pattern pass that started
         after now, so every word written before now has been verified.
 
-        :return: the generation of that pass.
+        :return: that pass (its generation and the mismatches it found).
         :raise TimeoutError: when no such pass completes within *timeout*.
         """
         with self._lock:
             gen_now = self.log.heartbeats[-1].int("gen") if self.log.heartbeats else 0
         await self.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
         with self._lock:
-            return max(p.gen for p in self.log.passes)
+            return next(p for p in self.log.passes if p.gen > gen_now)
 
     async def wait_heartbeats(self, count: int, timeout: float) -> None:
         """Wait until *count* more heartbeats than now have arrived."""

@@ -56,6 +56,7 @@ class LaunchError(SealvmError):
     """
 
     def __init__(self, message: str, *, exitcode: int | None = None, output: str = "") -> None:
+        self.message = message
         self.exitcode = exitcode
         self.output = output
         text = message

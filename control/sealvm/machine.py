@@ -315,36 +315,16 @@ class Machine:
     async def open_qmp(self, path: Path, process: QemuProcess, *, timeout: float) -> QMPClient:
         """Connect a QMP client to *path*, racing *process*'s exit.
 
-        :raise LaunchError: when the process exits first, or on timeout.
+        :raise LaunchError: when the process exits first, or on timeout
+            (with the tail of QEMU's log).
         """
-        qmp = QMPClient(self.name)
-        qmp.logger = self.logger.getChild("qmp")
-        connect = asyncio.ensure_future(qmp.connect(str(path)))
-        died = asyncio.ensure_future(process.exited.wait())
         try:
-            done, _ = await asyncio.wait({connect, died}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-        if connect in done and connect.exception() is None:
-            return qmp
-        connect.cancel()
-        with contextlib.suppress(BaseException):
-            await connect
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await qmp.disconnect()
-        if connect in done:
-            # a refused or reset connection usually means QEMU is exiting
-            await process.wait_exit(1.0)
-        if process.exited.is_set():
-            await process.wait_exit(1)
-            raise LaunchError(f"QEMU (pid {process.pid}) exited before its monitor answered",
-                              exitcode=process.exitcode, output=self.log_tail())
-        if connect in done:
-            exc = connect.exception()
-            raise LaunchError(f"cannot connect to {path}: {exc}", output=self.log_tail()) from exc
-        raise LaunchError(f"QEMU's monitor at {path} did not answer within {timeout:.0f} s "
-                          "(another client may hold it)", output=self.log_tail())
+            qmp = await connect_qmp(path, name=self.name, timeout=timeout, process=process)
+        except LaunchError as exc:
+            raise LaunchError(exc.message, exitcode=exc.exitcode,
+                              output=self.log_tail()) from exc
+        qmp.logger = self.logger.getChild("qmp")
+        return qmp
 
     async def connect(self, *, timeout: float = 30.0) -> None:
         """(Re)connect to the monitor, e.g. after an exec dropped it.
@@ -501,6 +481,47 @@ class Machine:
                   self.paths.state.with_suffix(".tmp"), *self.paths.root.glob("qmp-next-*.sock")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+async def connect_qmp(path: Path, *, name: str, timeout: float,
+                      process: QemuProcess | None = None) -> QMPClient:
+    """A QMP client connected to *path*, racing *process*'s exit if given.
+
+    :raise LaunchError: when the process exits first, the connection is
+        refused, or nothing answers in *timeout*.
+    """
+    qmp = QMPClient(name)
+    connect = asyncio.ensure_future(qmp.connect(str(path)))
+    waits: set[asyncio.Future[Any]] = {connect}
+    died = None
+    if process is not None:
+        died = asyncio.ensure_future(process.exited.wait())
+        waits.add(died)
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if died is not None:
+            died.cancel()
+    if connect in done and connect.exception() is None:
+        return qmp
+    connect.cancel()
+    with contextlib.suppress(BaseException):
+        await connect
+    with contextlib.suppress(QMPError, OSError, EOFError):
+        await qmp.disconnect()
+    if process is not None:
+        if connect in done:
+            # a refused or reset connection usually means QEMU is exiting
+            await process.wait_exit(1.0)
+        if process.exited.is_set():
+            await process.wait_exit(1)
+            raise LaunchError(f"QEMU (pid {process.pid}) exited before its monitor answered",
+                              exitcode=process.exitcode)
+    if connect in done:
+        exc = connect.exception()
+        raise LaunchError(f"cannot connect to {path}: {exc}") from exc
+    raise LaunchError(f"QEMU's monitor at {path} did not answer within {timeout:.0f} s "
+                      "(another client may hold it)")
 
 
 def read_state(paths: RunPaths) -> VmState | None:

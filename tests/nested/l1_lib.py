@@ -20,8 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sealvm.console import ConsoleFollower, ConsoleLog, Pass
-
 SYS_PCI = Path("/sys/bus/pci")
 
 
@@ -84,20 +82,6 @@ class Checks:
 
 
 # ------------------------------------------------------- the guest's pattern
-
-
-def mism(log: ConsoleLog) -> int:
-    """The guest's own count of mismatching pattern words so far (the
-    heartbeat's ``mism=``); -1 before any heartbeat or without the field."""
-    return log.heartbeats[-1].int("mism", -1) if log.heartbeats else -1
-
-
-async def wait_full_pass(con: ConsoleFollower, timeout: float) -> Pass:
-    """Wait for a pattern pass that started after now to complete (every word
-    written before now has been verified since); return it."""
-    gen_now = con.log.heartbeats[-1].int("gen") if con.log.heartbeats else 0
-    await con.wait_for(lambda log: any(p.gen > gen_now for p in log.passes), timeout)
-    return next(p for p in con.log.passes if p.gen > gen_now)
 
 
 # -------------------------------------------------------------- PCI / VFIO

@@ -62,10 +62,8 @@ from .l1_lib import (
     QemuLog,
     bind_vfio_pci,
     iommu_group,
-    mism,
     qemu_pids,
     trace_args,
-    wait_full_pass,
 )
 from .l1_vfio import ram_maps
 
@@ -283,12 +281,12 @@ async def scenario_iommufd(checks: Checks, updates: int) -> None:
             for i, mode in enumerate(modes, 1):
                 rows.append(await one_update(checks, vm, con, uid, i, mode))
             checks.figures["updates"] = rows
-            last = await wait_full_pass(con, STEP_TIMEOUT)
+            last = await con.wait_full_pass(STEP_TIMEOUT)
             checks.check("after the last update: a complete pattern pass verified, "
                          "the guest's mism= still 0",
-                         last.mismatches == 0 and mism(con.log) == 0,
+                         last.mismatches == 0 and con.log.mismatch_counter() == 0,
                          f"pass gen {last.gen} mism {last.mismatches}, "
-                         f"heartbeat mism {mism(con.log)}")
+                         f"heartbeat mism {con.log.mismatch_counter()}")
             final = mdev_stats(uid)
             checks.figures["stats_at_end"] = final
             view = guest_view(con.log)
@@ -319,7 +317,7 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str
     start = len(con.log.heartbeats)
     before = mdev_stats(uid)
     seen0 = last_seen(con.log)
-    mism0 = mism(con.log)
+    mism0 = con.log.mismatch_counter()
     t0 = time.monotonic_ns()  # CLOCK_MONOTONIC: the device's clock
     report = await live_update(vm, mode=mode, heartbeat_interval=HB_MS / 1000,
                                timeout=STEP_TIMEOUT)
@@ -336,7 +334,7 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str
         "pause_guest": report.pause_guest, "total": report.total,
         "guest_gap_ms": view["gap_us"] / 1000, "seen_before": seen0,
         "seen_after": view["seen"], "device": delta(before, after), "errnos": errnos(after),
-        "gaps": gaps, "mism_before": mism0, "mism_after": mism(con.log),
+        "gaps": gaps, "mism_before": mism0, "mism_after": con.log.mismatch_counter(),
     }
     print(f"update {i} {mode}: pause guest {pause * 1000:.0f} ms, qmp "
           f"{(report.pause_qmp or -1) * 1000:.0f} ms, device gaps {gap_detail(gaps)}, "

@@ -63,7 +63,7 @@ from sealvm.vfio import (
     region_info,
 )
 
-from .l1_lib import Checks, QemuLog, mism, qemu_pids, trace_args, wait_full_pass
+from .l1_lib import Checks, QemuLog, qemu_pids, trace_args
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MEMORY = 256 << 20
@@ -321,13 +321,13 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, qlog: Qe
                      kw: KernelWatch, *, i: int, mode: str, mdev: Path,
                      hb: float) -> dict[str, Any]:
     before, _ = last_mtty(con.log)
-    mism0 = mism(con.log)
+    mism0 = con.log.mismatch_counter()
     resets_before = reset_lines()
     kw.drain()
     qlog.new_events()
     report = await live_update(vm, mode=mode, heartbeat_interval=hb, timeout=STEP_TIMEOUT)
     waited = await wait_mtty(con, max(before, last_mtty(con.log)[0]) + 2, STEP_TIMEOUT)
-    mism1 = mism(con.log)
+    mism1 = con.log.mismatch_counter()
     ok, err = last_mtty(con.log)
     events = qlog.new_events()
     kernel = kernel_summary(kw.drain())
@@ -488,12 +488,12 @@ async def scenario(checks: Checks, updates: int, hb_ms: int) -> None:
                 rows.append(await one_update(checks, vm, con, qlog, kw, i=i, mode=mode,
                                              mdev=src, hb=hb))
             checks.figures["updates"] = rows
-            last = await wait_full_pass(con, STEP_TIMEOUT)
+            last = await con.wait_full_pass(STEP_TIMEOUT)
             checks.figures["pass_after_updates"] = {"gen": last.gen, "mism": last.mismatches,
-                                                    "heartbeat_mism": mism(con.log)}
+                                                    "heartbeat_mism": con.log.mismatch_counter()}
             checks.check("after the last CPR update: a complete pattern pass verified, "
                          "the guest's mism= still 0",
-                         last.mismatches == 0 and mism(con.log) == 0,
+                         last.mismatches == 0 and con.log.mismatch_counter() == 0,
                          checks.figures["pass_after_updates"])
             checks.figures["paused_cpr_exec"] = await paused_cpr_exec(
                 checks, vm, con, qlog, kw, mdev=src)

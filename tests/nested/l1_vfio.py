@@ -60,12 +60,10 @@ from .l1_lib import (
     bind_vfio_pci,
     count_events,
     iommu_group,
-    mism,
     pci_driver,
     qemu_pids,
     trace_args,
     vfio_cdevs,
-    wait_full_pass,
 )
 
 RUN_ROOT = Path("/run/sealvm-l2")
@@ -296,7 +294,7 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
             for i in range(1, updates + 1):
                 before, _ = last_dma(con.log)
                 start_hb = max(len(con.log.heartbeats) - 1, 0)
-                mism0 = mism(con.log)
+                mism0 = con.log.mismatch_counter()
                 report = await live_update(vm, mode=mode, heartbeat_interval=hb,
                                            timeout=STEP_TIMEOUT,
                                            require_sealed=not stock_qemu)
@@ -315,7 +313,7 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
                     "phases": report.phases, "dma_before": before, "dma_after": dma,
                     "dma_err": err, "dma_progress_wait": waited, "traces": counts,
                     "maps": maps, "around_pause": around,
-                    "mism_before": mism0, "mism_after": mism(con.log),
+                    "mism_before": mism0, "mism_after": con.log.mismatch_counter(),
                 }
                 per_update.append(row)
                 checks.check(f"update {i}: same pid", report.pid_after == pid,
@@ -368,12 +366,12 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
                          f"{NORMAL_MIN_MS} ms (what 'spanned a pause' relies on)",
                          len(normal) >= 10 and min(normal) >= NORMAL_MIN_MS * 1000,
                          checks.figures["normal_transfer_us"])
-            last = await wait_full_pass(con, STEP_TIMEOUT)
+            last = await con.wait_full_pass(STEP_TIMEOUT)
             dma, err = last_dma(con.log)
             checks.check("after the last update: a full pattern pass verified",
-                         last.mismatches == 0 and mism(con.log) == 0,
+                         last.mismatches == 0 and con.log.mismatch_counter() == 0,
                          f"pass gen {last.gen} mism {last.mismatches}, "
-                         f"heartbeat mism {mism(con.log)}")
+                         f"heartbeat mism {con.log.mismatch_counter()}")
             checks.check("guest RAM pattern intact throughout",
                          not con.log.mismatches and con.log.reboots == 0
                          and con.log.counter_continuous(),

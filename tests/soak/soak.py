@@ -95,8 +95,7 @@ async def soak(*, qemu: Path, guest: Path, run_root: Path, updates: int, size: s
                           f"QMP {1000 * (s.pause_qmp or -1):6.1f} ms  "
                           f"guest {1000 * (s.pause_guest or -1):6.1f} ms  "
                           f"fds {s.fds}  RssAnon {s.rss_anon_kib} KiB", flush=True)
-            gen = await con.wait_full_pass(120)
-            result.passes_after = gen
+            result.passes_after = (await con.wait_full_pass(120)).gen
             counter = con.log.mismatch_counter()  # the guest's own count since boot
             result.mismatches = -1 if counter is None else counter + con.log.mismatched_words
             result.heartbeat_continuous = con.log.counter_continuous() and con.log.reboots == 0

@@ -11,7 +11,8 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
-from ..errors import QMPReplyError, StateError, UpdateError
+from ..errors import LaunchError, QMPReplyError, StateError, UpdateError
+from ..machine import connect_qmp
 from ..plan import incoming_argv
 from ..process import QemuProcess
 
@@ -62,28 +63,10 @@ async def connect(path: Path, *, name: str, timeout: float,
 
     :raise StateError: when nothing answers in *timeout* or the process exits.
     """
-    qmp = QMPClient(name)
-    attempt = asyncio.ensure_future(qmp.connect(str(path)))
-    waits: set[asyncio.Future[Any]] = {attempt}
-    died = None
-    if process is not None:
-        died = asyncio.ensure_future(process.exited.wait())
-        waits.add(died)
     try:
-        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if died is not None:
-            died.cancel()
-    if attempt in done and attempt.exception() is None:
-        return qmp
-    attempt.cancel()
-    with contextlib.suppress(BaseException):
-        await attempt
-    with contextlib.suppress(QMPError, OSError, EOFError):
-        await qmp.disconnect()
-    why = "its process exited" if died is not None and died in done else (
-        f"{attempt.exception()}" if attempt in done else f"no answer in {timeout:.0f} s")
-    raise StateError(f"cannot connect to {path}: {why}")
+        return await connect_qmp(path, name=name, timeout=timeout, process=process)
+    except LaunchError as exc:
+        raise StateError(str(exc)) from exc
 
 
 async def disconnect(qmp: QMPClient | None) -> None:

@@ -240,15 +240,23 @@ async def _finish_exec(vm: Machine, qmp: QMPClient, journal: Journal, report: Re
         report.actions.append("new image loaded the device state" +
                               (" (sent migrate-incoming)" if args else ""))
         guest = await status(qmp)
-    if start["was_running"] and guest != "running":
-        journal.record("resuming")
-        await resume(qmp, deadline=deadline)
-        report.actions.append("resumed the guest on the new image")
-        guest = "running"
+    guest = await _resume_if_it_ran(qmp, guest, journal, report, deadline, "new image")
     await arm(qmp, new_argv)
     vm.state.argv = new_argv
     _record(vm, start["qemu"])
     report.guest = guest
+
+
+async def _resume_if_it_ran(qmp: QMPClient, guest: str, journal: Journal,
+                            report: RecoverReport, deadline: float, where: str) -> str:
+    """Resume the guest on the new QEMU if it was running before the update
+    (a paused one stays paused); returns its state."""
+    if journal.start["was_running"] and guest != "running":
+        journal.record("resuming")
+        await resume(qmp, deadline=deadline)
+        report.actions.append(f"resumed the guest on the {where}")
+        return "running"
+    return guest
 
 
 def _record(vm: Machine, qemu: str) -> None:
@@ -340,12 +348,8 @@ async def _forward(vm: Machine, journal: Journal, report: RecoverReport, new_pid
                    old_alive: bool) -> None:
     assert vm.state is not None
     start, paths = journal.start, vm.paths
-    guest = await status(new_qmp)
-    if start["was_running"] and guest != "running":
-        journal.record("resuming")
-        await resume(new_qmp, deadline=deadline)
-        report.actions.append("resumed the guest on the new QEMU")
-        guest = "running"
+    guest = await _resume_if_it_ran(new_qmp, await status(new_qmp), journal, report, deadline,
+                                    "new QEMU")
     await arm(new_qmp, None)
     if old_alive:
         old = QemuProcess(start["old_pid"], logger=vm.logger)
