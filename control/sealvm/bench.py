@@ -15,6 +15,8 @@ holds data and must be copied, and the copy can converge.
 
 Modes:
   sealvm-exec       cpr-exec with our QEMU
+  sealvm-exec-oneway  the same without the way back (no keeper, no trampoline:
+                    what the way back costs)
   upstream-exec     cpr-exec with pristine QEMU 10.2.2 (make qemu-upstream)
   sealvm-transfer   cpr-transfer with our QEMU
   classic           live migration to a new local QEMU over a unix socket
@@ -53,6 +55,7 @@ from .update import UpdateReport, live_update
 HB_MS = 10
 MODES = {
     "sealvm-exec": ("sealvm", "cpr-exec"),
+    "sealvm-exec-oneway": ("sealvm", "cpr-exec"),
     "upstream-exec": ("upstream", "cpr-exec"),
     "sealvm-transfer": ("sealvm", "cpr-transfer"),
     "classic": ("sealvm", "migrate"),
@@ -160,7 +163,8 @@ async def run_point(mode: str, size: int, *, qemu: Path, guest: Path, updates: i
                 report = await live_update(vm, qemu=qemu, mode=live_mode,
                                            heartbeat_interval=HB_MS / 1000, timeout=900,
                                            require_sealed=not mode.startswith("upstream"),
-                                           verify_pass=False)
+                                           verify_pass=False,
+                                           way_back=not mode.endswith("-oneway"))
                 point.reports.append(report)
             if point.reports and any(r.mismatches for r in point.reports):
                 raise SystemExit(f"bench: {mode} {size >> 20} MiB: guest memory mismatches")
@@ -215,6 +219,9 @@ def ratios(points: list[Point]) -> dict[str, float | None]:
         get("upstream-exec", 8 * gib, "pause_guest_median"))
     out["sealvm cpr-exec/classic total at 4G"] = div(
         get("sealvm-exec", 4 * gib, "total_median"), get("classic", 4 * gib, "total_median"))
+    out["way back cost: sealvm-exec/sealvm-exec-oneway pause at 1G"] = div(
+        get("sealvm-exec", gib, "pause_guest_median"),
+        get("sealvm-exec-oneway", gib, "pause_guest_median"))
     added = [a for p in points if p.mode == "sealvm-exec" for a in p.added()]
     out["controller added (sealvm-exec, median s)"] = statistics.median(added) if added else None
     return out

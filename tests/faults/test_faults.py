@@ -415,3 +415,20 @@ async def test_old_qemu_killed_before_switchover(op: Operator) -> None:
     assert leftovers(op.paths) == []
     ROWS.append({"case": "transfer kill-old@migrate-sent", "update": str(out.get("outcome")),
                  "recover": "lost", "guest": "lost: its QEMU was killed", "leftovers": ""})
+
+
+def test_guest_neither_running_nor_paused_is_refused(op: Operator, tmp_path: Path) -> None:
+    """A guest in another run state (here postmigrate, after a migration to a
+    file) is refused at once, naming the state; nothing is touched."""
+    out = tmp_path / "migrated"
+    op.json("qmp", NAME, "migrate", json.dumps({"uri": f"file:{out}"}))
+    for _ in range(600):  # the copy of 64 MiB to a file takes well under a minute
+        if op.json("qmp", NAME, "query-migrate")["return"].get("status") == "completed":
+            break
+    assert op.guest() == "postmigrate"
+    refused = op.json("update", NAME, rc=7)
+    assert refused["error"] == "StateError" and "postmigrate" in refused["message"], refused
+    assert not op.paths.journal.exists()
+    assert op.json("resume", NAME)["status"] == "running"
+    ROWS.append({"case": "guest postmigrate: update refused", "update": "refused (exit 7)",
+                 "recover": "none", "guest": "resumed by the operator", "leftovers": ""})

@@ -51,6 +51,7 @@ async def live_update(
     progress: Progress | None = None,
     require_sealed: bool = True,
     verify_pass: bool = True,
+    way_back: bool = True,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
@@ -62,7 +63,9 @@ async def live_update(
     for comparisons; sealvm's own QEMU always seals.  With the test guest,
     the update waits (*verify_pass*) until the guest has verified all of its
     RAM once after the update, and reports the mismatches its own counter
-    saw; ``total`` does not include that wait.
+    saw; ``total`` does not include that wait.  *way_back* False makes
+    cpr-exec one-way (no keeper, no trampoline: a new QEMU that fails after
+    the exec takes the guest with it); for measurements.
 
     :raise StateError: the VM is busy (another update holds its lock), has an
         interrupted update (`InterruptedUpdateError`: run `recover`), or its
@@ -79,13 +82,13 @@ async def live_update(
     with vm.lock.hold("update"):
         return await _update(vm, qemu=qemu, mode=mode, heartbeat_interval=heartbeat_interval,
                              timeout=timeout, progress=progress, require_sealed=require_sealed,
-                             verify_pass=verify_pass)
+                             verify_pass=verify_pass, way_back=way_back)
 
 
 async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                   heartbeat_interval: float | None, timeout: float,
                   progress: Progress | None, require_sealed: bool,
-                  verify_pass: bool) -> UpdateReport:
+                  verify_pass: bool, way_back: bool) -> UpdateReport:
     assert vm.state is not None and vm.pid is not None
     if vm.paths.journal.exists():
         Journal.begin(vm.paths)  # raises InterruptedUpdateError, naming the file
@@ -118,7 +121,8 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
     journal.pids["old"] = pid
     ctx = UpdateContext(vm=vm, qemu=new_qemu, clock=clock, report=report, journal=journal,
                         deadline=asyncio.get_running_loop().time() + timeout,
-                        timeout=timeout, was_running=was_running, marker=marker)
+                        timeout=timeout, was_running=was_running, marker=marker,
+                        way_back=way_back)
     vm.runstate = VmRunstate.UPDATING
     completed_error: UpdateError | None = None
     try:

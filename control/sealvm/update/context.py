@@ -25,6 +25,8 @@ class UpdateContext:
     was_running: bool
     #: the argument that names the new QEMU (``-name …,process=MARKER``)
     marker: str
+    #: cpr-exec: hand the fds to a keeper across the exec (`wayback`)
+    way_back: bool = True
 
 
 def remove(*paths: Path) -> None:

@@ -57,8 +57,10 @@ async def run(ctx: UpdateContext) -> None:
     uri = f"file:{vm.paths.cpr_state}"
     keeper = None
     try:
-        command = [str(trampoline()), str(vm.paths.keeper_sock), "--", *new_argv]
-        keeper = await Keeper.start(vm.paths)
+        command = new_argv
+        if ctx.way_back:
+            command = [str(trampoline()), str(vm.paths.keeper_sock), "--", *new_argv]
+            keeper = await Keeper.start(vm.paths)
         await vm.execute("migrate-set-capabilities", EVENTS_ON)
         await vm.execute("migrate-set-parameters",
                          {"mode": "cpr-exec", "cpr-exec-command": command})
@@ -67,9 +69,8 @@ async def run(ctx: UpdateContext) -> None:
             await keeper.release()
         journal.end("rolled-back", error=str(exc))
         raise UpdateError(f"cpr-exec not started: {exc}", rolled_back=True) from exc
-    journal.pids["keeper"] = keeper.pid
     journal.record("migrate", argv=new_argv, uri=uri, command=command,
-                   keeper=keeper.record())
+                   keeper=keeper.record() if keeper is not None else {})
     old = vm.qmp
     stop_ts: float | None = None
     listener = EventListener(("STOP", "MIGRATION"))
@@ -136,7 +137,8 @@ async def run(ctx: UpdateContext) -> None:
     journal.record("resumed", running=ctx.was_running)
     remove(vm.paths.cpr_state)
     vm.state.argv = new_argv
-    await keeper.release()
+    if keeper is not None:
+        await keeper.release()
     # Parameters reset at exec: re-arm them for the next update.
     try:
         await arm(vm.qmp, new_argv)
@@ -145,7 +147,8 @@ async def run(ctx: UpdateContext) -> None:
                           rolled_back=False, completed=True) from exc
 
 
-async def _way_back(ctx: UpdateContext, keeper: Keeper, why: str, exc: Exception) -> None:
+async def _way_back(ctx: UpdateContext, keeper: Keeper | None, why: str,
+                    exc: Exception) -> None:
     pid = await fall_back(ctx.vm, ctx.journal, keeper, why=why, timeout=ctx.timeout)
     ctx.report.pid_after = pid
     ctx.journal.end("rolled-back", error=why, fallback_pid=pid)
@@ -199,7 +202,7 @@ async def fall_back(vm: Machine, journal: Journal, keeper: Keeper | None, *, why
     return pid
 
 
-async def _exec_failed(ctx: UpdateContext, keeper: Keeper, message: str) -> None:
+async def _exec_failed(ctx: UpdateContext, keeper: Keeper | None, message: str) -> None:
     """The exec did not happen: the old image has the guest (QEMU resumed it
     if it was running)."""
     vm = ctx.vm
@@ -209,7 +212,8 @@ async def _exec_failed(ctx: UpdateContext, keeper: Keeper, message: str) -> None
         guest = "unknown"
     back = guest == ("running" if ctx.was_running else "paused")
     if back:
-        await keeper.release()
+        if keeper is not None:
+            await keeper.release()
         ctx.journal.end("rolled-back", error=message)
         remove(vm.paths.cpr_state)
     else:  # the journal stays: recover resumes the old image
