@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -67,8 +68,9 @@ def rss_anon_kib(pid: int) -> int:
 
 
 def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 async def soak(*, qemu: Path, guest: Path, run_root: Path, updates: int, size: str,
