@@ -12,6 +12,7 @@ import logging
 from .console import ConsoleFollower, ConsoleLog, Heartbeat, read_console
 from .errors import (
     HostError,
+    InterruptedUpdateError,
     LaunchError,
     PreflightError,
     QMPReplyError,
@@ -23,7 +24,7 @@ from .errors import (
 from .machine import Machine
 from .runroot import default_run_root
 from .spec import GuestSpec, MemorySpec, VfioSpec, VmSpec, load_spec, spec_from_dict
-from .update import UpdateReport, live_update
+from .update import RecoverReport, UpdateReport, live_update, recover
 
 logging.getLogger("sealvm").addHandler(logging.NullHandler())
 
@@ -33,11 +34,13 @@ __all__ = [
     "GuestSpec",
     "Heartbeat",
     "HostError",
+    "InterruptedUpdateError",
     "LaunchError",
     "Machine",
     "MemorySpec",
     "PreflightError",
     "QMPReplyError",
+    "RecoverReport",
     "SealvmError",
     "SpecError",
     "StateError",
@@ -49,5 +52,6 @@ __all__ = [
     "live_update",
     "load_spec",
     "read_console",
+    "recover",
     "spec_from_dict",
 ]

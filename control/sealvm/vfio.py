@@ -77,11 +77,28 @@ def vfio_io(nr: int) -> int:
     return (VFIO_TYPE << 8) | (VFIO_BASE + nr)
 
 
+VFIO_API_VERSION = 0
 VFIO_GET_API_VERSION = vfio_io(0)
 VFIO_CHECK_EXTENSION = vfio_io(1)
+VFIO_SET_IOMMU = vfio_io(2)
+VFIO_GROUP_GET_STATUS = vfio_io(3)
+VFIO_GROUP_SET_CONTAINER = vfio_io(4)
+VFIO_GROUP_UNSET_CONTAINER = vfio_io(5)
+VFIO_GROUP_GET_DEVICE_FD = vfio_io(6)
+VFIO_IOMMU_MAP_DMA = vfio_io(13)
+VFIO_IOMMU_UNMAP_DMA = vfio_io(14)
 VFIO_TYPE1v2_IOMMU = 3
+#: VFIO_CHECK_EXTENSION: type1 can unmap everything at once
+VFIO_UNMAP_ALL = 9
 #: VFIO_CHECK_EXTENSION: type1 can update a mapping's vaddr (cpr-exec, legacy backend)
 VFIO_UPDATE_VADDR = 10
+
+#: struct vfio_iommu_type1_dma_map / _unmap flags
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+VFIO_DMA_MAP_FLAG_VADDR = 1 << 2
+VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
+VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
 
 
 VFIO_DEVICE_GET_REGION_INFO = vfio_io(8)

@@ -55,6 +55,7 @@ from typing import Any
 
 from sealvm import Machine, PreflightError, QMPReplyError, live_update, spec_from_dict
 from sealvm.console import ConsoleFollower, ConsoleLog
+from sealvm.vfio import VFIO_UPDATE_VADDR
 
 from . import l1_mdma_type1 as t1
 from .l1_lib import (
@@ -460,7 +461,7 @@ def kernel_rule(checks: Checks, uid: str, edu_bdf: str) -> None:
             g = fds.open(mdev_group)
             t1.group_set_container(g, c)
             t1.set_iommu(c)
-            evidence["update_vaddr_ext_with_mdev"] = t1.check_extension(c, t1.VFIO_UPDATE_VADDR)
+            evidence["update_vaddr_ext_with_mdev"] = t1.check_extension(c, VFIO_UPDATE_VADDR)
             t1.dma_map(c, vaddr=buf.vaddr, iova=iova, size=size)
             dev = fds.add(t1.group_get_device_fd(g, uid))
             bar = t1.MdmaBar.of(dev)
@@ -488,7 +489,7 @@ def kernel_rule(checks: Checks, uid: str, edu_bdf: str) -> None:
             ge = fds.open(edu_group)
             t1.group_set_container(ge, c)
             t1.set_iommu(c)
-            evidence["update_vaddr_ext_pci_only"] = t1.check_extension(c, t1.VFIO_UPDATE_VADDR)
+            evidence["update_vaddr_ext_pci_only"] = t1.check_extension(c, VFIO_UPDATE_VADDR)
             t1.dma_map(c, vaddr=buf.vaddr, iova=iova, size=size)
             t1.dma_unmap_vaddr(c, iova=iova, size=size)
             checks.check("type1, vfio-pci only: VFIO_DMA_UNMAP_FLAG_VADDR accepted "

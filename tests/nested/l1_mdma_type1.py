@@ -18,30 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from sealvm.vfio import VFIO_TYPE1v2_IOMMU, vfio_io
-
-VFIO_API_VERSION = 0
-VFIO_GET_API_VERSION = vfio_io(0)
-VFIO_CHECK_EXTENSION = vfio_io(1)
-VFIO_SET_IOMMU = vfio_io(2)
-VFIO_GROUP_GET_STATUS = vfio_io(3)
-VFIO_GROUP_SET_CONTAINER = vfio_io(4)
-VFIO_GROUP_UNSET_CONTAINER = vfio_io(5)
-VFIO_GROUP_GET_DEVICE_FD = vfio_io(6)
-VFIO_DEVICE_GET_REGION_INFO = vfio_io(8)
-VFIO_IOMMU_MAP_DMA = vfio_io(13)
-VFIO_IOMMU_UNMAP_DMA = vfio_io(14)
-
-VFIO_UNMAP_ALL = 9
-VFIO_UPDATE_VADDR = 10
-
-VFIO_DMA_MAP_FLAG_READ = 1 << 0
-VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
-VFIO_DMA_MAP_FLAG_VADDR = 1 << 2
-VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
-VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
-
-VFIO_PCI_BAR0_REGION_INDEX = 0
+from sealvm.vfio import (
+    VFIO_CHECK_EXTENSION,
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DMA_MAP_FLAG_READ,
+    VFIO_DMA_MAP_FLAG_VADDR,
+    VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_VADDR,
+    VFIO_GROUP_GET_DEVICE_FD,
+    VFIO_GROUP_SET_CONTAINER,
+    VFIO_GROUP_UNSET_CONTAINER,
+    VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_UNMAP_DMA,
+    VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_SET_IOMMU,
+    VFIO_TYPE1v2_IOMMU,
+)
 
 # struct vfio_iommu_type1_dma_map: argsz, flags, vaddr, iova, size
 _DMA_MAP = struct.Struct("=IIQQQ")

@@ -55,6 +55,7 @@ from sealvm.plan import incoming_argv
 from sealvm.preflight import run_preflight
 from sealvm.spec import VfioSpec
 from sealvm.vfio import (
+    VFIO_DEVICE_RESET,
     VFIO_PCI_BAR0_REGION_INDEX,
     device_migration,
     device_reset,
@@ -102,7 +103,6 @@ STATE_TRACES = ("vfio_migration_set_state", "vfio_migration_set_device_state",
 
 TRACEFS = Path("/sys/kernel/tracing")
 KPROBE_GROUP = "sealvm_mtty"
-VFIO_DEVICE_RESET = 0x3B6F
 _KEVENT = re.compile(r"\s(mtty_set_state|mtty_reset):\s+\([^)]*\)\s*(.*)$")
 _RESET_LOG = "mtty_reset: called"
 
