@@ -17,7 +17,8 @@ before ``migrate``, answers before the update goes on, and is released when
 the update ends (by the controller or by `recover`).  Protocol, one request
 per connection, one line each::
 
-    fds state=N A B C ...   (+ SCM_RIGHTS)  -> "k"   the trampoline
+    fds state=N A B C ...   (+ SCM_RIGHTS)  -> nothing (the trampoline
+                                               does not wait)
     status                                  -> {"held": [A, B, ...], "state": N}
     fallback {"argv": [...], "log": PATH}   -> {"pid": P}
     release                                 -> "k", and the keeper exits

@@ -7,10 +7,12 @@
  * It runs in the QEMU process between the two images, holding every fd the
  * old QEMU preserved for cpr-exec (guest-RAM memfds, the CPR state memfd,
  * the QMP listener, VFIO fds).  It hands a copy of each to sealvm's keeper
- * (SCM_RIGHTS, with their numbers), waits for the keeper to say it holds
- * them, and exec()s the new QEMU with the same environment and fds.  If the
- * new QEMU then dies or hangs while loading, the keeper can start the
- * previous QEMU on the same memory and CPR state: cpr-exec gets a way back.
+ * (SCM_RIGHTS, with their numbers) and exec()s the new QEMU with the same
+ * environment and fds.  It does not wait for the keeper: fds in flight in a
+ * unix socket's queue are held by the kernel until the keeper receives them,
+ * so the keeper's scheduling never adds to the guest's pause.  If the new
+ * QEMU then dies or hangs while loading, the keeper can start the previous
+ * QEMU on the same memory and CPR state: cpr-exec gets a way back.
  *
  * Nothing here may stop the update: if the keeper cannot be reached, the
  * new QEMU is exec'd all the same (without a way back) and that is said on
@@ -59,7 +61,7 @@ static int hand_over(const char *path)
         char buf[CMSG_SPACE(sizeof(fds))];
     } ctl;
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    struct timeval tv = { .tv_sec = 5 };
+    struct timeval tv = { .tv_sec = 5 }; /* a full queue: do not hang */
     struct msghdr msg = { 0 };
     struct iovec iov;
     struct cmsghdr *cm;
@@ -67,7 +69,6 @@ static int hand_over(const char *path)
     const char *holder = getenv("QEMU_CPR_EXEC_HOLDER"); /* "pid,fd" */
     const char *comma = holder ? strchr(holder, ',') : NULL;
     size_t len = 0;
-    char ack;
     int s, n, i;
 
     if (strlen(path) >= sizeof(sa.sun_path)) {
@@ -78,7 +79,6 @@ static int hand_over(const char *path)
     if (s < 0) {
         return -1;
     }
-    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     if (connect(s, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
         close(s);
@@ -109,8 +109,7 @@ static int hand_over(const char *path)
         cm->cmsg_len = CMSG_LEN(n * sizeof(int));
         memcpy(CMSG_DATA(cm), fds, n * sizeof(int));
     }
-    if (sendmsg(s, &msg, MSG_NOSIGNAL) != (ssize_t)len ||
-        read(s, &ack, 1) != 1 || ack != 'k') {
+    if (sendmsg(s, &msg, MSG_NOSIGNAL) != (ssize_t)len) {
         close(s);
         return -1;
     }
