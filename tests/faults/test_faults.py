@@ -418,11 +418,13 @@ async def test_old_qemu_killed_before_switchover(op: Operator) -> None:
 
 
 def test_guest_neither_running_nor_paused_is_refused(op: Operator, tmp_path: Path) -> None:
-    """A guest in another run state (here postmigrate, after a migration to a
-    file) is refused at once, naming the state; nothing is touched."""
+    """A guest in another run state (here postmigrate, after a migration of
+    the paused guest to a file) is refused at once, naming the state; nothing
+    is touched."""
     out = tmp_path / "migrated"
+    assert op.json("pause", NAME)["status"] == "paused"  # else the copy never converges
     op.json("qmp", NAME, "migrate", json.dumps({"uri": f"file:{out}"}))
-    for _ in range(600):  # the copy of 64 MiB to a file takes well under a minute
+    for _ in range(600):  # a paused 64 MiB guest is copied to a file in about a second
         if op.json("qmp", NAME, "query-migrate")["return"].get("status") == "completed":
             break
     assert op.guest() == "postmigrate"
