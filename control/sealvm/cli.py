@@ -72,7 +72,7 @@ from .plan import RunPaths
 from .preflight import run_preflight
 from .runroot import default_run_root
 from .spec import load_spec
-from .update import RecoverReport, live_update, plan_recovery, recover
+from .update import RecoverReport, abandon, live_update, plan_recovery, recover
 
 #: exit code of each `recover` outcome
 RECOVER_EXIT = {"none": 0, "completed": 0, "rolled-back": 5, "lost": 6}
@@ -144,7 +144,8 @@ def _paths(args: argparse.Namespace) -> RunPaths:
 
 
 @contextlib.asynccontextmanager
-async def _locked(args: argparse.Namespace, out: Output, verb: str) -> AsyncIterator[VmLock]:
+async def _locked(args: argparse.Namespace, out: Output, verb: str, *,
+                  recover_first: bool = True) -> AsyncIterator[VmLock]:
     """Hold the VM's lock for the verb; finish an interrupted update first."""
     lock = VmLock(_paths(args).lock, args.vm)
     if getattr(args, "wait", False):
@@ -152,7 +153,7 @@ async def _locked(args: argparse.Namespace, out: Output, verb: str) -> AsyncIter
     else:
         lock.acquire(verb)
     try:
-        if verb != "recover" and _paths(args).journal.exists():
+        if recover_first and _paths(args).journal.exists():
             out.progress(f"{args.vm}: an update was interrupted; recovering it first")
             rep = await recover(args.vm, run_root=args.run_dir, lock=lock)
             out.progress(f"{args.vm}: recovered: {rep.outcome} ({'; '.join(rep.actions)})")
@@ -282,7 +283,25 @@ async def _simple(args: argparse.Namespace, out: Output, action: str) -> int:
 
 
 async def cmd_down(args: argparse.Namespace, out: Output) -> int:
-    async with _locked(args, out, "down") as lock:
+    """Stop the VM, whatever state an interrupted update left it in: recover
+    first, and if even that fails, kill every process of the update."""
+    async with _locked(args, out, "down", recover_first=False) as lock:
+        if _paths(args).journal.exists():
+            out.progress(f"{args.vm}: an update was interrupted; recovering it first")
+            try:
+                rep = await recover(args.vm, run_root=args.run_dir, lock=lock,
+                                    timeout=args.timeout)
+            except SealvmError as exc:
+                out.progress(f"{args.vm}: recover failed ({exc}); stopping every process "
+                             "of the update")
+                killed = await abandon(args.vm, run_root=args.run_dir, lock=lock)
+                out.result({"name": args.vm, "status": "down", "killed": killed},
+                           f"{args.vm}: down (killed {', '.join(map(str, killed)) or 'nothing'})")
+                return 0
+            if rep.outcome == "lost":
+                out.result({"name": args.vm, "status": "down", "killed": []},
+                           f"{args.vm}: down (the interrupted update had lost the guest)")
+                return 0
         vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
         pid = vm.pid
         await vm.shutdown(timeout=args.timeout)

@@ -475,12 +475,16 @@ class Machine:
         self.runstate = Runstate.STOPPED
 
     def _cleanup_run_dir(self) -> None:
-        """Remove what only a live VM needs; logs stay for post-mortems."""
-        for p in (self.paths.qmp, self.paths.state, self.paths.cpr_state,
-                  self.paths.cpr_sock, self.paths.main_sock,
-                  self.paths.state.with_suffix(".tmp"), *self.paths.root.glob("qmp-next-*.sock")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        cleanup_run_files(self.paths)
+
+
+def cleanup_run_files(paths: RunPaths) -> None:
+    """Remove what only a live VM needs; logs stay for post-mortems."""
+    for p in (paths.qmp, paths.state, paths.cpr_state, paths.cpr_sock, paths.main_sock,
+              paths.keeper_sock, paths.state.with_suffix(".tmp"),
+              *paths.root.glob("qmp-next-*.sock")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 async def connect_qmp(path: Path, *, name: str, timeout: float,

@@ -434,3 +434,23 @@ def test_guest_neither_running_nor_paused_is_refused(op: Operator, tmp_path: Pat
     assert op.json("resume", NAME)["status"] == "running"
     ROWS.append({"case": "guest postmigrate: update refused", "update": "refused (exit 7)",
                  "recover": "none", "guest": "resumed by the operator", "leftovers": ""})
+
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+def test_down_always_stops_the_vm(op: Operator, mode: str) -> None:
+    """The controller dies right before `cont`, then the new QEMU hangs: the
+    guest may have run there, so recover refuses to guess (exit 7, journal
+    kept); `sealvm down` still stops every process of the VM and cleans up."""
+    p = op.run("update", NAME, "--mode", mode, "--json", fault="kill-controller@resuming")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    journal = [json.loads(line) for line in op.paths.journal.read_text().splitlines()]
+    new = next((r["pid"] for r in journal if r["step"] == "spawned"), journal[0]["old_pid"])
+    os.kill(new, signal.SIGSTOP)
+    rec = op.json("recover", NAME, "--timeout", "10", rc=7)
+    assert "does not answer" in rec["message"] and op.paths.journal.exists(), rec
+    down = op.json("down", NAME)
+    assert down["status"] == "down" and new in down["killed"], down
+    assert qemus_mentioning(str(op.run_root)) == [] and leftovers(op.paths) == []
+    ROWS.append({"case": f"{mode} kill-controller@resuming + new hangs", "update":
+                 "controller killed", "recover": "refused", "guest": "stopped by down",
+                 "leftovers": ""})

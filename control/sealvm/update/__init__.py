@@ -35,7 +35,7 @@ from . import cpr_exec, transfer
 from .context import UpdateContext
 from .journal import Journal
 from .monitor import UPDATABLE
-from .recover import RecoverReport, plan_recovery, recover
+from .recover import RecoverReport, abandon, plan_recovery, recover
 from .report import Clock, Progress, RamBlock, UpdateReport, ram_blocks, verify
 
 log = logging.getLogger("sealvm.update")
@@ -212,6 +212,7 @@ __all__ = [
     "RamBlock",
     "RecoverReport",
     "UpdateReport",
+    "abandon",
     "live_update",
     "plan_recovery",
     "recover",

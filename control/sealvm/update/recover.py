@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from qemu.qmp import QMPClient
 from .. import procfs
 from ..errors import SealvmError, StateError, UpdateError
 from ..lock import VmLock
-from ..machine import Machine, read_state
+from ..machine import Machine, cleanup_run_files, read_state
 from ..plan import RunPaths, name_arg
 from ..process import QemuProcess
 from ..runroot import default_run_root
@@ -134,9 +135,45 @@ async def recover(name: str, *, run_root: Path | None = None, timeout: float = 6
         remove(paths.cpr_state, paths.cpr_sock, paths.main_sock,
                *paths.root.glob("qmp-next-*.sock"))
         if report.outcome == "lost":
-            vm._cleanup_run_dir()
+            cleanup_run_files(paths)
         journal.end(report.outcome, actions=report.actions, by="recover")
         return report
+
+
+async def abandon(name: str, *, run_root: Path | None = None,
+                  lock: VmLock | None = None) -> list[int]:
+    """Give up an interrupted update that `recover` cannot finish: SIGKILL
+    every process it involves (old QEMU, new QEMU, keeper), remove its files
+    and the VM's run files, retire the journal.  For `sealvm down`, which must
+    always be able to stop a VM.  Returns the pids killed.
+    """
+    paths = RunPaths((run_root or default_run_root()) / name)
+    lock = lock or VmLock(paths.lock, name)
+    with lock.hold("down"):
+        state = read_state(paths)
+        journal = Journal.load(paths)
+        pids: list[int] = []
+        if state is not None and state.alive():
+            pids.append(state.pid)
+        if journal is not None:
+            start = journal.start
+            if procfs.same_process(start["old_pid"], start["old_start_time"]):
+                pids.append(start["old_pid"])
+            if (succ := _successor_pid(journal)) is not None:
+                pids.append(succ)
+            keeper = Keeper.of(paths, journal.get("migrate").get("keeper", {}))
+            if keeper is not None:
+                pids.append(keeper.pid)
+        killed = sorted(set(pids))
+        for pid in killed:
+            proc = QemuProcess(pid)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait_exit(10.0)
+            proc.close()
+        cleanup_run_files(paths)
+        if journal is not None:
+            journal.end("abandoned", killed=killed, by="down")
+        return killed
 
 
 # ------------------------------------------------------------------ cpr-exec
@@ -384,4 +421,4 @@ async def _forward(vm: Machine, journal: Journal, report: RecoverReport, new_pid
     report.guest = guest
 
 
-__all__ = ["RecoverReport", "plan_recovery", "recover"]
+__all__ = ["RecoverReport", "abandon", "plan_recovery", "recover"]
