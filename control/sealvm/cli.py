@@ -260,7 +260,7 @@ async def _update(args: argparse.Namespace, out: Output, vm: Machine, mode: str)
 
 
 async def cmd_recover(args: argparse.Namespace, out: Output) -> int:
-    async with _locked(args, out, "recover") as lock:
+    async with _locked(args, out, "recover", recover_first=False) as lock:
         rep: RecoverReport = await recover(args.vm, run_root=args.run_dir,
                                            timeout=args.timeout, lock=lock)
     text = (f"{args.vm}: nothing to recover" if rep.outcome == "none" else
