@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import qemus_mentioning
+from helpers import processes_mentioning
 from sealvm import Machine, spec_from_dict
 from sealvm.spec import VmSpec
 
@@ -31,12 +31,12 @@ def run_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "run"
     root.mkdir()
     yield root
-    leaked = qemus_mentioning(str(root))
+    leaked = processes_mentioning(str(root))  # QEMUs, script endpoints, keepers
     for pid in leaked:  # report it, but do not leave it burning CPU
         os.kill(pid, signal.SIGKILL)
     sockets = [p for p in root.rglob("*") if p.is_socket()]
     states = list(root.rglob("state.json"))
-    assert not leaked, f"QEMU processes left running: {leaked}"
+    assert not leaked, f"processes left running: {leaked}"
     assert not sockets, f"sockets left behind: {sockets}"
     assert not states, f"state files left behind: {states}"
 
@@ -99,6 +99,22 @@ def upstream_qemu() -> Path:
     return Path(path)
 
 
+# ------------------------------------------------------------ figures
+
+_figures: dict[str, list[str]] = {}
+
+
+@pytest.fixture
+def figures() -> Callable[[str, str], None]:
+    """``figures(section, line)``: a line printed in the session's summary
+    (what a scenario measured; tests assert behaviour, not these)."""
+
+    def add(section: str, line: str) -> None:
+        _figures.setdefault(section, []).append(line)
+
+    return add
+
+
 # ------------------------------------------------------------ strict skips
 
 #: The only skip reasons `make test` accepts: facts about the host, outside
@@ -155,6 +171,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
     """Last, after pytest's own summaries: every skip and the allow-list."""
     yield
     tr = terminalreporter
+    for section, lines in _figures.items():
+        tr.section(section)
+        for line in lines:
+            tr.write_line(line)
     if not STRICT_SKIPS:
         return
     tr.section("skips (SEALVM_STRICT_SKIPS=1)")

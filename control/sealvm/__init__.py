@@ -10,6 +10,7 @@ could be lost (`PreflightError`).
 import logging
 
 from .console import ConsoleFollower, ConsoleLog, Heartbeat, read_console
+from .endpoint import script_socket
 from .errors import (
     HostError,
     InterruptedUpdateError,
@@ -23,7 +24,7 @@ from .errors import (
 )
 from .machine import Machine
 from .runroot import default_run_root
-from .spec import GuestSpec, MemorySpec, VfioSpec, VmSpec, load_spec, spec_from_dict
+from .spec import GuestSpec, MemorySpec, ScriptsSpec, VfioSpec, VmSpec, load_spec, spec_from_dict
 from .update import RecoverReport, UpdateReport, live_update, recover
 
 logging.getLogger("sealvm").addHandler(logging.NullHandler())
@@ -41,6 +42,7 @@ __all__ = [
     "PreflightError",
     "QMPReplyError",
     "RecoverReport",
+    "ScriptsSpec",
     "SealvmError",
     "SpecError",
     "StateError",
@@ -53,5 +55,6 @@ __all__ = [
     "load_spec",
     "read_console",
     "recover",
+    "script_socket",
     "spec_from_dict",
 ]

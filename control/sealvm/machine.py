@@ -34,7 +34,7 @@ from typing import Any
 from qemu.qmp import ExecInterruptedError, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from . import procfs
+from . import endpoint, procfs
 from .errors import InterruptedUpdateError, LaunchError, QMPReplyError, StateError
 from .host import open_vfio_fds
 from .lock import VmLock
@@ -143,6 +143,12 @@ class Machine:
         return self._qmp
 
     @property
+    def script_socket(self) -> Path | None:
+        """Where scripts connect to this VM's QMP endpoint (`sealvm.endpoint`),
+        or None when the spec turned it off."""
+        return self.paths.scripts if self.spec.scripts.enabled else None
+
+    @property
     def exitcode(self) -> int | None:
         return self.process.exitcode if self.process else None
 
@@ -210,6 +216,8 @@ class Machine:
     async def _launch(self, timeout: float) -> None:
         self._prepare_run_dir()
         try:
+            if self.spec.scripts.enabled:
+                endpoint.start(self.paths, self.name, self.spec.scripts)
             self.process, argv, plan = self.spawn(self.spec, self.paths.qmp)
         except BaseException:
             self._cleanup_run_dir()
@@ -479,7 +487,9 @@ class Machine:
 
 
 def cleanup_run_files(paths: RunPaths) -> None:
-    """Remove what only a live VM needs; logs stay for post-mortems."""
+    """Remove what only a live VM needs (and stop its script endpoint);
+    logs stay for post-mortems."""
+    endpoint.stop(paths)
     for p in (paths.qmp, paths.state, paths.cpr_state, paths.cpr_sock, paths.main_sock,
               paths.keeper_sock, paths.state.with_suffix(".tmp"),
               *paths.root.glob("qmp-next-*.sock")):

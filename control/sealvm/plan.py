@@ -85,6 +85,29 @@ class RunPaths:
         return self.root / "last-update.journal"
 
     @property
+    def scripts(self) -> Path:
+        """The QMP endpoint for scripts (`sealvm.endpoint`)."""
+        return self.root / "qmp-scripts.sock"
+
+    @property
+    def endpoint_qemu(self) -> Path:
+        """Where each QEMU of the VM connects to the script endpoint."""
+        return self.root / "endpoint-qemu.sock"
+
+    @property
+    def endpoint_ctl(self) -> Path:
+        """The controller's notifications to the script endpoint."""
+        return self.root / "endpoint.ctl"
+
+    @property
+    def endpoint_pid(self) -> Path:
+        return self.root / "endpoint.pid"
+
+    @property
+    def endpoint_log(self) -> Path:
+        return self.root / "endpoint.log"
+
+    @property
     def lock(self) -> Path:
         """The VM's lock file; beside the run directory, so that it can be
         taken before the directory exists and outlives its cleanup."""
@@ -148,6 +171,21 @@ def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
     return args
 
 
+#: how often a QEMU retries connecting to the script endpoint
+ENDPOINT_RECONNECT_MS = 100
+
+
+def scripts_args(spec: VmSpec, paths: RunPaths) -> list[str]:
+    """The monitor QEMU connects to the script endpoint with: a client
+    socket that retries in the background, so that QEMU never waits for
+    the endpoint, and reconnects after a cpr-exec."""
+    if not spec.scripts.enabled:
+        return []
+    return ["-chardev", f"socket,id=scripts,path={opt_value(paths.endpoint_qemu)},server=off,"
+            f"reconnect-ms={ENDPOINT_RECONNECT_MS}",
+            "-mon", "chardev=scripts,mode=control"]
+
+
 def name_arg(spec_name: str, marker: str | None = None) -> str:
     """``-name``'s value; *marker* names the process (``process=``) so that
     the QEMU of one update can be told apart from any other by its argv."""
@@ -182,6 +220,7 @@ def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan, *,
         "-append", spec.guest.cmdline,
         "-chardev", f"socket,id=qmp,fd={fds.qmp_listen},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        *scripts_args(spec, paths),
         "-chardev",
         f"file,id=serial0,path={opt_value(spec.serial_log or paths.serial)},append=on",
         "-serial", "chardev:serial0",

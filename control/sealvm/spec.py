@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import grp
 import os
 import re
 import tomllib
@@ -83,6 +84,19 @@ class VfioSpec:
 
 
 @dataclass(frozen=True)
+class ScriptsSpec:
+    """The QMP endpoint for scripts (`sealvm.endpoint`)."""
+
+    enabled: bool = True
+    #: a group whose members may connect (socket 0660, run directory 0710)
+    group: str | None = None
+    #: commands allowed although refused by default (`endpoint.policy`)
+    allow: tuple[str, ...] = ()
+    #: commands refused as well
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmSpec:
     name: str
     qemu: Path
@@ -95,6 +109,7 @@ class VmSpec:
     firmware: tuple[Path, ...] = DEFAULT_FIRMWARE
     vfio: tuple[VfioSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
+    scripts: ScriptsSpec = ScriptsSpec()
 
     def with_qemu(self, qemu: Path) -> VmSpec:
         return replace(self, qemu=qemu)
@@ -132,6 +147,10 @@ class VmSpec:
         }
         if self.serial_log is not None:
             out["serial_log"] = str(self.serial_log)
+        sc = self.scripts
+        out["scripts"] = {"enabled": sc.enabled, "allow": list(sc.allow), "deny": list(sc.deny)}
+        if sc.group is not None:
+            out["scripts"]["group"] = sc.group
         return out
 
 
@@ -277,6 +296,7 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
     ids = [d.id for d in devices]
     if len(set(ids)) != len(ids):
         raise SpecError("vfio", "device ids are not unique", "give each [[vfio]] its own id")
+    scripts = _scripts(_Table(top.get("scripts", dict, {}), "scripts"))
     top.done()
 
     return VmSpec(
@@ -291,7 +311,35 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
         firmware=tuple(_path(f, base) for f in firmware) if firmware else DEFAULT_FIRMWARE,
         vfio=tuple(devices),
         extra_args=tuple(extra),
+        scripts=scripts,
     )
+
+
+_COMMAND = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _scripts(st: _Table) -> ScriptsSpec:
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("allow", "deny"):
+        value = st.get(key, list, [])
+        bad = [c for c in value if not isinstance(c, str) or not _COMMAND.match(c)]
+        if bad:
+            raise SpecError(st.path(key), f"{bad[0]!r} is not a QMP command name",
+                            'e.g. allow = ["human-monitor-command"]')
+        lists[key] = tuple(value)
+    both = set(lists["allow"]) & set(lists["deny"])
+    if both:
+        raise SpecError(st.path("deny"), f"{sorted(both)[0]!r} is both allowed and denied")
+    group = st.get("group", str)
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise SpecError(st.path("group"), f"no group named {group!r}",
+                            "create it, or name an existing group") from None
+    spec = ScriptsSpec(enabled=st.get("enabled", bool, True), group=group, **lists)
+    st.done()
+    return spec
 
 
 def load_spec(path: Path) -> VmSpec:
@@ -324,6 +372,7 @@ def check_files(spec: VmSpec) -> None:
 
 __all__ = [
     "GuestSpec",
+    "ScriptsSpec",
     "MemorySpec",
     "VfioSpec",
     "VmSpec",

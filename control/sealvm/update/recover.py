@@ -34,7 +34,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import procfs
+from .. import endpoint, procfs
 from ..errors import SealvmError, StateError, UpdateError
 from ..lock import VmLock
 from ..machine import Machine, cleanup_run_files, read_state
@@ -137,6 +137,8 @@ async def recover(name: str, *, run_root: Path | None = None, timeout: float = 6
         if report.outcome == "lost":
             cleanup_run_files(paths)
         journal.end(report.outcome, actions=report.actions, by="recover")
+        endpoint.notify(paths, "update-end", mode=report.mode, result=report.outcome,
+                        pid=report.pid, by="recover")
         return report
 
 
