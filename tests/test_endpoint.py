@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -363,3 +366,51 @@ async def test_protocol_errors_keep_the_connection(vm: Machine) -> None:
     await raw.close()
 
 
+
+
+# --------------------------------------------------------------- group access
+
+PROBE = """
+import os, socket, sys
+os.setgroups([int(g) for g in sys.argv[2].split(",") if g])
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print(s.recv(4096).decode().split(",")[0])
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+async def test_a_group_named_in_the_spec_may_connect(
+        make_spec: Callable[..., VmSpec]) -> None:
+    """[scripts] group: its members connect, nobody else does (the run
+    directory is 0710 to that group, the socket 0660)."""
+    if os.geteuid() != 0:
+        pytest.skip(reason="needs root (to act as another user)")
+    gid = grp.getgrnam("daemon").gr_gid
+    root = Path(tempfile.mkdtemp(prefix="sealvm-group-"))
+    root.chmod(0o711)  # a run root others may traverse, as /run/sealvm is
+    machine = Machine(make_spec(size="64M", scripts={"group": "daemon"}), run_root=root)
+    await machine.launch()
+    try:
+        sock = machine.script_socket
+        assert sock is not None
+        assert (sock.stat().st_gid, sock.stat().st_mode & 0o777) == (gid, 0o660)
+        assert machine.paths.root.stat().st_mode & 0o777 == 0o710
+        assert machine.paths.qmp.stat().st_mode & 0o777 == 0o600  # sealvm's own stays private
+
+        def probe(groups: str) -> str:
+            return subprocess.run([sys.executable, "-c", PROBE, str(sock), groups],
+                                  capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+
+        assert probe(str(gid)).startswith('{"QMP": {"version"')
+        assert probe("") == "PermissionError"
+    finally:
+        await machine.shutdown()
+        leftover = processes_mentioning(str(root))
+        shutil.rmtree(root, ignore_errors=True)
+    assert not leftover

@@ -23,6 +23,12 @@ Example::
     [[vfio]]
     host = "0000:00:01.0"       # or sysfsdev = "/sys/bus/mdev/devices/<uuid>"
     backend = "iommufd"         # iommufd | legacy
+
+    [scripts]                   # the QMP endpoint for scripts (sealvm.endpoint)
+    enabled = true
+    group = "vmops"             # optional: members may connect
+    allow = []                  # commands allowed although refused by default
+    deny = []                   # commands refused as well
 """
 
 from __future__ import annotations
