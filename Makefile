@@ -18,7 +18,7 @@ GUEST = $(shell scripts/build-guest --print 2>/dev/null)
 HOST_KERNEL = $(shell scripts/build-kernel --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	host-kernel print-host-kernel check test test-unit faults soak demo bench \
+	host-kernel print-host-kernel check test test-unit faults soak demo bench bench-endpoint \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -92,6 +92,11 @@ faults: deps qemu guest
 SOAK_ARGS ?= --updates 1000 --size 512M
 soak: deps qemu guest
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m soak.soak $(SOAK_ARGS)
+
+# What the QMP endpoint for scripts costs the pause (tests/bench/endpoint_ab.py).
+ENDPOINT_AB_ARGS ?=
+bench-endpoint: deps qemu guest
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.endpoint_ab $(ENDPOINT_AB_ARGS)
 
 # Benchmarks are not tests: one run, side by side, ratios printed last.
 BENCH_ARGS ?=
