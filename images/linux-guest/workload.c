@@ -25,7 +25,7 @@
  * - UDP 7002: answers each datagram with the same bytes (the client's
  *   sequence number) followed by the guest's own reply count;
  * - the disk (sealvm.disk=, default /dev/vda, raw, O_DIRECT): formats every
- *   4 KiB block, then forever writes one block every sealvm.disk_ms (magic,
+ *   4 KiB block, then forever writes (fdatasync) one block every sealvm.disk_ms (magic,
  *   lba, sequence number, payload from the sequence number, FNV-1a checksum),
  *   reads it back, and every sealvm.dpass_ms re-reads every block, checking
  *   that each holds exactly the last write the guest made to it.
@@ -467,7 +467,7 @@ static int pio(int fd, struct block *b, u64 lba, int wr)
 
 static void *disk_thread(void *unused)
 {
-    int fd = open(disk_path, O_RDWR | O_DIRECT | O_SYNC);
+    int fd = open(disk_path, O_RDWR | O_DIRECT);
     u64 size = 0, nblocks, lba, seq = 0, next_pass, start;
     u64 *last;
     struct block *b;
@@ -490,6 +490,7 @@ static void *disk_thread(void *unused)
             last[lba] = seq;
         }
     }
+    fdatasync(fd);
     out("DISK formatted path=%s blocks=%llu ms=%llu", disk_path,
         (unsigned long long)nblocks, (unsigned long long)(now_ms() - start));
     next_pass = now_ms();
@@ -512,7 +513,7 @@ static void *disk_thread(void *unused)
         seq++;
         lba = seq % nblocks;
         fill_block(b, lba, seq);
-        if (pio(fd, b, lba, 1) == 0) {
+        if (pio(fd, b, lba, 1) == 0 && fdatasync(fd) == 0) {
             last[lba] = seq;
             if (pio(fd, b, lba, 0) == 0) {
                 check_block(b, lba, seq);
