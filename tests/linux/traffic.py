@@ -224,9 +224,11 @@ class Traffic:
         for conn in (self.echo, self.stream):
             if conn is None:
                 continue
-            times = [t for t in conn.arrivals if start <= t <= end]
-            before = [t for t in conn.arrivals if t < start][-1:]
-            times = before + times
+            arrivals = list(conn.arrivals)
+            # the last arrival before the window, those in it, the first after it
+            before = [t for t in arrivals if t < start][-1:]
+            after = [t for t in arrivals if t > end][:1] or [time.monotonic()]
+            times = before + [t for t in arrivals if start <= t <= end] + after
             stall = max([stall] + [b - a for a, b in zip(times, times[1:], strict=False)])
         return Window(udp_sent=len(sent), udp_lost=len(lost), tcp_stall=stall)
 
