@@ -38,6 +38,7 @@ from .traffic import (
     flip_latest_block,
     image_holders,
     tap_holders,
+    write_perm_locked,
 )
 
 HB_MS = 20
@@ -109,6 +110,8 @@ async def start_traffic(vm: Machine, con: ConsoleFollower) -> Traffic:
 def only_qemu_holds(vm: Machine, image: Path) -> None:
     assert vm.pid is not None
     assert set(image_holders(image)) == {vm.pid}, image_holders(image)
+    # ... and it took the image's write permission lock (so it is its own)
+    assert write_perm_locked(image)
     assert set(tap_holders(vm.spec.net[0].tap)) == {vm.pid}, tap_holders(vm.spec.net[0].tap)
 
 
@@ -159,6 +162,7 @@ async def test_twenty_alternating_updates_keep_net_disk_and_memory(
     assert log.counter_continuous() and log.reboots == 0
     assert len(traffic.udp_answered) > 0.9 * len(traffic.udp_sent)
     await vm.shutdown()
+    assert not write_perm_locked(image)  # the lock check can say no
     disk = check_disk_image(image)
     assert disk.blocks == DISK_SIZE // 4096 and not disk.bad, disk.bad[:10]
 

@@ -20,6 +20,7 @@ on 7000 (TCP echo), 7001 (TCP stream) and 7002 (UDP).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import struct
@@ -302,6 +303,22 @@ def image_holders(path: Path) -> dict[int, list[int]]:
                     if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
                         out.setdefault(int(pid), []).append(int(fd))
     return out
+
+
+#: QEMU's file-posix lock bytes: 100 + permission bit (BLK_PERM_WRITE = 1 << 1)
+QEMU_LOCK_WRITE_PERM = 101
+
+
+def write_perm_locked(path: Path) -> bool:
+    """True when some process (a QEMU) holds the image's "write" permission
+    lock byte: F_OFD_GETLK of a write lock there reports a conflict."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, QEMU_LOCK_WRITE_PERM, 1, 0)
+        l_type = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req))[0]
+    finally:
+        os.close(fd)
+    return bool(l_type != fcntl.F_UNLCK)
 
 
 def tap_holders(tap: str) -> dict[int, list[int]]:
