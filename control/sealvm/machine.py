@@ -281,6 +281,8 @@ class Machine:
                     f"attach to it or run `sealvm down {self.name}`"
                 ) from None
             self._cleanup_run_dir()
+            if old is not None:  # its QEMU died: what sealvm created for it goes too
+                release_host_resources(old)
         os.chmod(root, 0o700)
 
     def save_state(self) -> None:

@@ -15,6 +15,7 @@ show each instrument failing when it should.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -231,6 +232,15 @@ async def test_down_removes_the_namespace_sealvm_created(
         tap = vm.spec.net[0].tap
         assert tap_exists(tap, own)
         assert vm.state is not None and vm.state.net[0]["created_netns"] is True
+        # QEMU killed behind sealvm's back: the next `up` removes the dead
+        # VM's tap and namespace before creating its own
+        assert vm.process is not None
+        vm.process.send_signal(signal.SIGKILL)
+        assert await vm.process.wait_exit(10)
+        await vm.detach()
+        vm = Machine(linux_spec(own), run_root=run_root)
+        await vm.launch()
+        assert tap_exists(tap, own)
     finally:
         await vm.shutdown()
     assert not tap_exists(tap, own)
