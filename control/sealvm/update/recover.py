@@ -37,7 +37,7 @@ from qemu.qmp import QMPClient
 from .. import endpoint, procfs
 from ..errors import SealvmError, StateError, UpdateError
 from ..lock import VmLock
-from ..machine import Machine, cleanup_run_files, read_state
+from ..machine import Machine, cleanup_run_files, read_state, release_host_resources
 from ..plan import RunPaths, name_arg
 from ..process import QemuProcess
 from ..runroot import default_run_root
@@ -136,6 +136,7 @@ async def recover(name: str, *, run_root: Path | None = None, timeout: float = 6
                *paths.root.glob("qmp-next-*.sock"))
         if report.outcome == "lost":
             cleanup_run_files(paths)
+            release_host_resources(state)
         journal.end(report.outcome, actions=report.actions, by="recover")
         endpoint.notify(paths, "update-end", mode=report.mode, result=report.outcome,
                         pid=report.pid, by="recover")
@@ -173,6 +174,8 @@ async def abandon(name: str, *, run_root: Path | None = None,
             await proc.wait_exit(10.0)
             proc.close()
         cleanup_run_files(paths)
+        if state is not None:
+            release_host_resources(state)
         if journal is not None:
             journal.end("abandoned", killed=killed, by="down")
         return killed
