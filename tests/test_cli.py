@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,25 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     down = cli.json("down", "clivm")
     assert down["status"] == "down"
     assert not procfs.pid_alive(tr["pid_after"])
+    assert cli.json("status", "clivm", rc=7)["error"] == "StateError"
+
+
+def test_down_after_qemu_died(cli: Cli, spec_file: Path, run_root: Path) -> None:
+    """QEMU killed behind sealvm's back (a crash, the OOM killer): `down`
+    still works and leaves nothing (run files, the script endpoint)."""
+    up = cli.json("up", str(spec_file))
+    endpoint = cli.json("status", "clivm")["scripts"]["endpoint_pid"]
+    assert procfs.pid_alive(endpoint)
+    os.kill(up["pid"], signal.SIGKILL)
+    for _ in range(100):
+        if not procfs.pid_alive(up["pid"]):
+            break
+        time.sleep(0.05)
+    down = cli.json("down", "clivm")
+    assert down["already_exited"] and down["pid"] == up["pid"]
+    assert not procfs.pid_alive(endpoint)
+    assert not (run_root / "clivm" / "state.json").exists()
+    assert not [p for p in (run_root / "clivm").iterdir() if p.is_socket()]
     assert cli.json("status", "clivm", rc=7)["error"] == "StateError"
 
 

@@ -72,7 +72,13 @@ from .errors import (
 )
 from .host import PROBES, host_check
 from .lock import VmLock
-from .machine import Machine, list_vms, read_state
+from .machine import (
+    Machine,
+    cleanup_run_files,
+    list_vms,
+    read_state,
+    release_host_resources,
+)
 from .plan import RunPaths
 from .preflight import run_preflight
 from .runroot import default_run_root
@@ -336,6 +342,17 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
                 out.result({"name": args.vm, "status": "down", "killed": []},
                            f"{args.vm}: down (the interrupted update had lost the guest)")
                 return 0
+        paths = _paths(args)
+        state = read_state(paths)
+        if state is not None and not state.alive():
+            # QEMU died (crash, OOM kill): clean up what it left
+            removed = release_host_resources(state)
+            cleanup_run_files(paths)
+            out.result({"name": args.vm, "pid": state.pid, "status": "down", "exitcode": None,
+                        "already_exited": True, "removed": removed},
+                       f"{args.vm}: down (QEMU pid {state.pid} had already exited; removed its "
+                       f"run files{''.join(', ' + r for r in removed)})")
+            return 0
         vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
         pid = vm.pid
         await vm.shutdown(timeout=args.timeout)
