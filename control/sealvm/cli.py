@@ -136,6 +136,10 @@ async def _vm_info(vm: Machine) -> dict[str, Any]:
         "scripts": None if vm.script_socket is None else {
             "socket": str(vm.script_socket), "endpoint_pid": endpoint.pid_of(vm.paths)},
         "serial": str(vm.spec.serial_log or vm.paths.serial),
+        "net": [{"id": n.id, "mac": n.mac, "tap": n.tap, "netns": n.netns, "bridge": n.bridge,
+                 "vhost": n.vhost} for n in vm.spec.net],
+        "disks": [{"id": d.id, "path": str(d.path), "format": d.format, "cache": d.cache,
+                   "readonly": d.readonly} for d in vm.spec.disk],
         "memfds": [asdict(m) | {"seal_names": m.seal_names} for m in procfs.memfds(vm.pid)],
     }
 
@@ -150,6 +154,13 @@ def _info_text(info: dict[str, Any]) -> str:
                  (f"endpoint pid {sc['endpoint_pid']})" if sc["endpoint_pid"] else
                   "endpoint DOWN: restart the VM to get it back)"))
     lines.append(f"  serial  {info['serial']}")
+    for n in info["net"]:
+        where = f"namespace {n['netns']}" if n["netns"] else "host namespace"
+        lines.append(f"  nic     {n['id']}: tap {n['tap']} ({where}"
+                     + (f", bridge {n['bridge']}" if n["bridge"] else "") + f"), mac {n['mac']}")
+    for d in info["disks"]:
+        lines.append(f"  disk    {d['id']}: {d['path']} ({d['format']}, cache {d['cache']}"
+                     + (", read-only" if d["readonly"] else "") + ")")
     for m in info["memfds"]:
         lines.append(f"  memfd fd {m['fd']:<3} {m['name']:<28} inode {m['inode']:<8} "
                      f"{m['size'] >> 10:>9} KiB  seals {'|'.join(m['seal_names']) or '-'}"
