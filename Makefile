@@ -116,8 +116,12 @@ bench: deps qemu qemu-upstream guest
 	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
 		$(PY) -m sealvm.bench --out bench-results $(BENCH_ARGS)
 
-demo: deps qemu guest
+# Part 1: the test guest, RAM and seals through updates; part 2: an operator's
+# VM, the Linux guest with TCP, UDP and its disk writer (tests/linux/demo.py).
+demo: deps qemu guest host-kernel linux-guest
 	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m sealvm.demo
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		SEALVM_LINUX_GUEST=$(LINUX_GUEST) ../$(PY) -m linux.demo
 
 clean-venv:
 	rm -rf $(VENV)
