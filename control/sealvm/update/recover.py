@@ -35,7 +35,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from .. import endpoint, procfs
-from ..errors import SealvmError, StateError, UpdateError
+from ..errors import QMPReplyError, SealvmError, StateError, UpdateError
 from ..lock import VmLock
 from ..machine import Machine, cleanup_run_files, read_state, release_host_resources
 from ..plan import RunPaths, name_arg
@@ -350,9 +350,22 @@ async def _recover_transfer(vm: Machine, journal: Journal, report: RecoverReport
                                      f"the guest but does not answer ({exc}); run recover "
                                      "again, or `sealvm down`") from exc
             if new_qmp is not None:
-                guest = await status(new_qmp)
-                loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
-                    "completed"
+                journal.pids["new"] = new_pid
+                journal.fault("recover-probe")
+                try:
+                    guest = await status(new_qmp)
+                    loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
+                        "completed"
+                except (StateError, QMPReplyError) as exc:
+                    # it died or answers nonsense: before `cont` it never ran the
+                    # guest, so the old QEMU takes it back
+                    if forward_only:
+                        raise StateError(f"VM {vm.name}: the new QEMU (pid {new_pid}) may run "
+                                         f"the guest but its monitor failed ({exc}); run "
+                                         "recover again, or `sealvm down`") from exc
+                    report.actions.append(f"the new QEMU's monitor failed: {exc}")
+                    await disconnect(new_qmp)
+                    new_qmp = None
         if new_pid is not None and new_qmp is not None and (loaded or forward_only):
             await _forward(vm, journal, report, new_pid, new_qmp, sock, deadline,
                            timeout, old_alive)
