@@ -215,10 +215,13 @@ async def test_scripts_stay_connected_through_updates(
         assert [e["data"]["mode"] for e in starts] == modes
         assert [e["data"]["mode"] for e in ends] == modes
         assert all(e["data"]["result"] == "completed" for e in ends)
-        # events in order: each update's START, the new QEMU's RESUME, END
+        # events in order: each update's START, then its END, then the next
         names = [e["event"] for e in t.events()
-                 if e["event"] in ("SEALVM_UPDATE_START", "RESUME", "SEALVM_UPDATE_END")]
-        assert names == ["SEALVM_UPDATE_START", "RESUME", "SEALVM_UPDATE_END"] * len(modes)
+                 if e["event"] in ("SEALVM_UPDATE_START", "SEALVM_UPDATE_END")]
+        assert names == ["SEALVM_UPDATE_START", "SEALVM_UPDATE_END"] * len(modes)
+        # (the switchover's own RESUME reaches the scripts only if the endpoint
+        # has negotiated with the new QEMU by then: QEMU sends no event to a
+        # monitor before; sealvm does not make the update wait for it)
         # sealvm's own quit of the old QEMU is not the VM shutting down
         assert not t.events("SHUTDOWN")
     assert ends[-1]["data"]["pid"] == vm.pid
@@ -232,6 +235,13 @@ async def test_scripts_stay_connected_through_updates(
     for c in (a, b):
         assert c.qmp.runstate is Runstate.RUNNING
         assert (await c.call("query-status"))["status"] == "running"
+    # events of the QEMU that runs the guest now reach every script
+    resumes = [len(t.events("RESUME")) for t in (a.seen, b.seen, raw.seen)]
+    await a.call("stop")
+    await b.call("cont")
+    for t, k in zip((a.seen, b.seen, raw.seen), resumes, strict=True):
+        await t.wait_for(_count_above(t, "RESUME", k))
+        assert [e["event"] for e in t.events()[-2:]] == ["STOP", "RESUME"]
     for c2 in (a, b, raw):
         await c2.close()
 

@@ -42,9 +42,10 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import ExecInterruptedError, ExecuteError
 
@@ -73,6 +74,17 @@ def _now() -> dict[str, int]:
 
 def _error(desc: str, klass: str = "GenericError") -> dict[str, Any]:
     return {"error": {"class": klass, "desc": desc}}
+
+
+class _Broadcast(EventListener):
+    """Hands each event to *sink* as the connection reads it."""
+
+    def __init__(self, sink: Callable[[Message], None]) -> None:
+        super().__init__()
+        self._sink = sink
+
+    async def put(self, event: Message) -> None:
+        self._sink(event)
 
 
 class Upstream:
@@ -153,6 +165,10 @@ class Endpoint:
                                                         struct.calcsize("3i")))
         self._qemu_seq += 1
         qmp = QMPClient(f"{self.name}-qemu{self._qemu_seq}")
+        # events go to the scripts as they are read, in order with replies
+        # (the default listener would only queue them)
+        qmp.events.event_filter = lambda _: False
+        qmp.register_listener(_Broadcast(self._on_event))
         try:
             await qmp.connect(conn)
             version = await qmp.execute("query-version")
@@ -167,12 +183,10 @@ class Endpoint:
         log.info("%r connected%s", up, " (update in progress)" if self.updating else "")
         self._select()
         await self._notify_changed()
-        events = asyncio.ensure_future(self._pump(up))
         try:
             while qmp.runstate is Runstate.RUNNING:
                 await qmp.runstate_changed()
         finally:
-            events.cancel()
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await qmp.disconnect()
             self.upstreams.remove(up)
@@ -182,13 +196,12 @@ class Endpoint:
             self._select()
             await self._notify_changed()
 
-    async def _pump(self, up: Upstream) -> None:
-        async for event in up.qmp.events:
-            data = event.get("data")
-            if (self.updating is not None and event["event"] == "SHUTDOWN"
-                    and isinstance(data, dict) and data.get("reason") == "host-qmp-quit"):
-                continue  # the old QEMU of a cpr-transfer, told to quit: not the VM
-            self.broadcast(dict(event))
+    def _on_event(self, event: Message) -> None:
+        data = event.get("data")
+        if (self.updating is not None and event["event"] == "SHUTDOWN"
+                and isinstance(data, dict) and data.get("reason") == "host-qmp-quit"):
+            return  # the old QEMU of a cpr-transfer, told to quit: not the VM
+        self.broadcast(dict(event))
 
     def _select(self) -> None:
         """Outside updates, the newest QEMU connection is the VM's when the
@@ -219,6 +232,15 @@ class Endpoint:
             mine = [u for u in self.upstreams if u.pid == pid and u.connected]
             if mine:
                 self.active = mine[-1]
+        if self.active is None or not self.active.connected:
+            live = [u for u in self.upstreams if u.connected]
+            self.active = live[-1] if live else None
+        if self.active is not None:
+            # a round trip while commands are still held: every event the
+            # QEMU sent before the update ended (its RESUME) reaches the
+            # scripts before the end does, and before any reply
+            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+                await asyncio.wait_for(self.active.qmp.execute("query-status"), 5.0)
         self.updating = None
         self._select()
         log.info("update ends: %s; QEMU: %r", info, self.active)
@@ -297,8 +319,8 @@ class Endpoint:
                     buf = buf[end:]
                     client.send(await self.command(client, msg))
                 await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # the client went, or the endpoint stops
         finally:
             self.clients.discard(client)
             writer.close()
