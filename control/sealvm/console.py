@@ -17,6 +17,7 @@ heartbeats, minus the interval, is the pause the guest went through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -349,16 +350,20 @@ async def check_guest_console(path: Path, *, timeout: float = 120.0) -> GuestChe
     :raise FileNotFoundError: when *path* does not exist.
     """
     problems: list[str] = []
-    banner = read_console(path).banner
     passed: Pass | None = None
-    if banner is None:
-        problems.append(f"{path}: no SEALVM-GUEST banner: not sealvm's test guest "
-                        "(or a guest printing its console format)")
-    elif banner.get("pattern") != "on":
-        problems.append(f"the guest's memory pattern is {banner.get('pattern')!r}, not on: "
-                        "its RAM is not verified")
-    else:
-        async with ConsoleFollower(path) as con:
+    async with ConsoleFollower(path) as con:  # from the end, before reading
+        banner = read_console(path).banner
+        if banner is None:  # just booted: wait for it
+            with contextlib.suppress(TimeoutError):
+                await con.wait_for(lambda log: log.banner is not None, timeout)
+            banner = con.log.banner
+        if banner is None:
+            problems.append(f"{path}: no SEALVM-GUEST banner within {timeout:.0f} s: not "
+                            "sealvm's test guest (or a guest printing its console format)")
+        elif banner.get("pattern") != "on":
+            problems.append(f"the guest's memory pattern is {banner.get('pattern')!r}, not "
+                            "on: its RAM is not verified")
+        else:
             try:
                 await con.wait_heartbeats(2, timeout)
             except TimeoutError:

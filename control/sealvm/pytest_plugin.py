@@ -31,7 +31,8 @@ Fixtures (all function-scoped):
   mismatching words, and a complete verified pass of guest RAM that began
   after the call (`sealvm.console.check_guest_console`);
 - `sealvm_spec`: builds `VmSpec` objects the way `sealvm_launch` does;
-- `sealvm_run_root`: the VMs' private run root; at teardown nothing may be
+- `sealvm_run_root`: the VMs' private run root (a short path under /tmp,
+  moved to ``tmp_path / "run"`` at teardown); at teardown nothing may be
   left of them: no process whose command line names it (QEMU, the keeper),
   no socket, no state file (leftover processes are killed, then the test
   errors naming them);
@@ -42,7 +43,8 @@ builds it) or any guest printing the same console format on its serial
 port (``SEALVM-GUEST`` banner, ``HB``, ``PASS``, ``MISMATCH`` lines).
 
 Fixtures that need a QEMU or the guest skip, saying which option to pass,
-when it is not configured.  The async fixtures need pytest-asyncio; they
+when it is not configured, and fail when the path configured does not
+exist or cannot be run.  The async fixtures need pytest-asyncio; they
 work in its ``auto`` and ``strict`` modes (in strict mode, mark the tests
 ``@pytest.mark.asyncio``) and run in the event loop of
 ``asyncio_default_fixture_loop_scope`` (``function`` unless configured),
@@ -54,7 +56,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import shutil
 import signal
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -120,32 +125,36 @@ class SealvmConfig:
                    guest=_path_option(config, "--sealvm-guest", "SEALVM_GUEST"))
 
     def require_qemu(self) -> Path:
-        """The QEMU VMs start with; skips the test when there is none."""
+        """The QEMU VMs start with; skips the test when there is none
+        configured, fails it when the one configured cannot be run."""
         return _require_binary(self.qemu, "QEMU to start VMs with",
                                "pass --sealvm-qemu PATH or set SEALVM_QEMU")
 
     def require_update_to(self) -> Path:
-        """The QEMU updates install; skips the test when there is none."""
+        """The QEMU updates install (as `require_qemu`)."""
         return _require_binary(self.update_to, "QEMU to update to",
                                "pass --sealvm-update-to PATH (or --sealvm-qemu) or set "
                                "SEALVM_UPDATE_TO")
 
     def require_guest(self) -> Path:
-        """The guest kernel of the default spec; skips when there is none."""
+        """The guest kernel of the default spec; skips when there is none,
+        fails when the one configured does not exist."""
         if self.guest is None:
             pytest.skip("sealvm: no guest kernel configured (pass --sealvm-guest PATH or set "
                         "SEALVM_GUEST; sealvm's test guest: `make guest`)")
         if not self.guest.is_file():
-            pytest.skip(f"sealvm: guest kernel {self.guest} does not exist "
-                        "(--sealvm-guest / SEALVM_GUEST)")
+            pytest.fail(f"sealvm: guest kernel {self.guest} does not exist "
+                        "(--sealvm-guest / SEALVM_GUEST)", pytrace=False)
         return self.guest
 
 
 def _require_binary(path: Path | None, what: str, how: str) -> Path:
+    """*path*; a skip when it is not configured, a failure when it is but
+    cannot be run (a typo must not turn a suite into skips)."""
     if path is None:
         pytest.skip(f"sealvm: no {what} configured ({how})")
     if not os.access(path, os.X_OK):
-        pytest.skip(f"sealvm: {what} {path} is not an executable file ({how})")
+        pytest.fail(f"sealvm: {what} {path} is not an executable file ({how})", pytrace=False)
     return path
 
 
@@ -163,7 +172,8 @@ def leftovers(root: Path, *, kill: bool = True) -> list[str]:
     command line names it (killed with SIGKILL when *kill*), sockets,
     state files.  Empty when everything was cleaned up."""
     found = []
-    for pid in procfs.pids_mentioning(str(root)):
+    pids = set(procfs.pids_mentioning(f"{root}{os.sep}")) | set(procfs.pids_with_arg(str(root)))
+    for pid in sorted(pids):
         argv = procfs.cmdline(pid) or ["?"]
         found.append(f"process {pid} ({Path(argv[0]).name}) still running"
                      + (", killed" if kill else ""))
@@ -175,15 +185,27 @@ def leftovers(root: Path, *, kill: bool = True) -> list[str]:
     return found
 
 
+def _short_dir() -> Path:
+    """A new private directory with a short path: unix socket paths (QMP,
+    CPR channel) must fit in 107 bytes, which a deep tmp_path may not."""
+    base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    return Path(tempfile.mkdtemp(prefix="sealvm-", dir=base))
+
+
 @pytest.fixture
 def sealvm_run_root(tmp_path: Path) -> Iterator[Path]:
-    """A private run root for this test's VMs; afterwards nothing of a VM
-    may remain (`leftovers`): the test errors at teardown, naming it."""
-    root = tmp_path / "run"
-    root.mkdir(mode=0o700)
-    yield root
-    left = leftovers(root)
-    assert not left, "sealvm: VMs not cleaned up: " + "; ".join(left)
+    """A private run root for this test's VMs (a short path of its own);
+    afterwards nothing of a VM may remain (`leftovers`): the test errors at
+    teardown, naming it.  What the VMs leave for a post-mortem (QEMU's log,
+    the serial log) is then moved to ``tmp_path / "run"``."""
+    root = _short_dir()
+    try:
+        yield root
+        left = leftovers(root)
+        assert not left, "sealvm: VMs not cleaned up: " + "; ".join(left)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.move(root, tmp_path / "run")
 
 
 # ----------------------------------------------------------------- specs
@@ -325,7 +347,8 @@ class Updater:
     qemu=None, **kwargs)``.
 
     *qemu* defaults to ``--sealvm-update-to``.  With sealvm's test guest
-    (its banner on the console) the guest is followed through the update:
+    (its banner on the console, or the spec's kernel is ``--sealvm-guest``)
+    the guest is followed through the update:
     the report then has ``pause_guest``, ``heartbeat_continuous`` and
     ``mismatches`` (after a verified pass); pass ``heartbeat_interval=None``
     not to.  Other *kwargs* go to `sealvm.live_update`, which raises
@@ -344,6 +367,11 @@ class Updater:
             qemu = self.config.require_update_to()
         if heartbeat_interval is _AUTO:
             heartbeat_interval = heartbeat_interval_of(vm)
+            if heartbeat_interval is None and self.config.guest is not None and (
+                    vm.spec.guest.kernel.resolve() == self.config.guest.resolve()):
+                # the test guest, not booted far enough to print its banner
+                hb_ms = re.search(r"(?:^|\s)hb_ms=(\d+)", vm.spec.guest.cmdline)
+                heartbeat_interval = max(1, int(hb_ms[1]) if hb_ms else 10) / 1000
         return await live_update(vm, qemu=qemu, mode=mode,
                                  heartbeat_interval=heartbeat_interval, **kwargs)
 
