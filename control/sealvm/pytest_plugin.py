@@ -104,8 +104,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _path_option(config: pytest.Config, option: str, env: str) -> Path | None:
+    """*option*'s value, else $*env*, as an absolute path (a spec file's
+    relative paths are its directory's; these are the invocation's)."""
     value = config.getoption(option) or os.environ.get(env)
-    return Path(value) if value else None
+    return Path(value).absolute() if value else None
 
 
 @dataclass(frozen=True)
