@@ -88,6 +88,22 @@ def upstream_qemu() -> Path:
     return Path(path)
 
 
+# ------------------------------------------------------------ figures
+
+_figures: dict[str, list[str]] = {}
+
+
+@pytest.fixture
+def figures() -> Callable[[str, str], None]:
+    """``figures(section, line)``: a line printed in the session's summary
+    (what a scenario measured; tests assert behaviour, not these)."""
+
+    def add(section: str, line: str) -> None:
+        _figures.setdefault(section, []).append(line)
+
+    return add
+
+
 # ------------------------------------------------------------ strict skips
 
 #: The only skip reasons `make test` accepts: facts about the host, outside
@@ -144,6 +160,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
     """Last, after pytest's own summaries: every skip and the allow-list."""
     yield
     tr = terminalreporter
+    for section, lines in _figures.items():
+        tr.section(section)
+        for line in lines:
+            tr.write_line(line)
     if not STRICT_SKIPS:
         return
     tr.section("skips (SEALVM_STRICT_SKIPS=1)")

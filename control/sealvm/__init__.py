@@ -18,6 +18,7 @@ from .console import (
     check_guest_console,
     read_console,
 )
+from .endpoint import script_socket
 from .errors import (
     HostError,
     InterruptedUpdateError,
@@ -31,7 +32,15 @@ from .errors import (
 )
 from .machine import Machine
 from .runroot import default_run_root
-from .spec import GuestSpec, MemorySpec, VfioSpec, VmSpec, load_spec, spec_from_dict
+from .spec import (
+    GuestSpec,
+    MemorySpec,
+    ScriptsSpec,
+    VfioSpec,
+    VmSpec,
+    load_spec,
+    spec_from_dict,
+)
 from .update import RamBlock, RecoverReport, UpdateReport, live_update, recover
 
 logging.getLogger("sealvm").addHandler(logging.NullHandler())
@@ -51,6 +60,7 @@ __all__ = [
     "QMPReplyError",
     "RamBlock",
     "RecoverReport",
+    "ScriptsSpec",
     "SealvmError",
     "SpecError",
     "StateError",
@@ -64,5 +74,6 @@ __all__ = [
     "load_spec",
     "read_console",
     "recover",
+    "script_socket",
     "spec_from_dict",
 ]

@@ -181,3 +181,14 @@ def pids_mentioning(text: str) -> list[int]:
 def exe_of(pid: int) -> str:
     """The executable *pid* runs now (changes at exec)."""
     return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+
+
+def open_files(pid: int) -> list[tuple[int, os.stat_result]]:
+    """(fd, stat of what it refers to) for every fd of *pid* that can be stat()ed."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append((int(name), os.stat(f"/proc/{pid}/fd/{name}")))
+        except OSError:
+            continue
+    return out

@@ -33,9 +33,9 @@ Fixtures (all function-scoped):
 - `sealvm_spec`: builds `VmSpec` objects the way `sealvm_launch` does;
 - `sealvm_run_root`: the VMs' private run root (a short path under /tmp,
   moved to ``tmp_path / "run"`` at teardown); at teardown nothing may be
-  left of them: no process whose command line names it (QEMU, the keeper),
-  no socket, no state file (leftover processes are killed, then the test
-  errors naming them);
+  left of them: no process whose command line names it (QEMU, the script
+  endpoint, the keeper), no socket, no state file (leftover processes are
+  killed, then the test errors naming them);
 - `sealvm_config`: the resolved option values (`SealvmConfig`).
 
 The guest checks need sealvm's test guest (``images/guest``; ``make guest``
@@ -171,11 +171,11 @@ def sealvm_config(pytestconfig: pytest.Config) -> SealvmConfig:
 
 def leftovers(root: Path, *, kill: bool = True) -> list[str]:
     """What remains of VMs under the run root *root*: processes whose
-    command line names it (killed with SIGKILL when *kill*), sockets,
-    state files.  Empty when everything was cleaned up."""
+    command line names it (QEMU, the script endpoint, the cpr-exec keeper;
+    killed with SIGKILL when *kill*), sockets, state files.  Empty when
+    everything was cleaned up."""
     found = []
-    pids = set(procfs.pids_mentioning(f"{root}{os.sep}")) | set(procfs.pids_with_arg(str(root)))
-    for pid in sorted(pids):
+    for pid in procfs.pids_mentioning(str(root)):
         argv = procfs.cmdline(pid) or ["?"]
         found.append(f"process {pid} ({Path(argv[0]).name}) still running"
                      + (", killed" if kill else ""))
@@ -191,7 +191,7 @@ def _short_dir() -> Path:
     """A new private directory with a short path: unix socket paths (QMP,
     CPR channel) must fit in 107 bytes, which a deep tmp_path may not."""
     base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
-    return Path(tempfile.mkdtemp(prefix="sealvm-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="sealvm-pytest-", dir=base))
 
 
 @pytest.fixture
