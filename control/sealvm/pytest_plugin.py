@@ -177,7 +177,9 @@ def leftovers(root: Path, *, kill: bool = True) -> list[str]:
     found = []
     for pid in procfs.pids_mentioning(str(root)):
         argv = procfs.cmdline(pid) or ["?"]
-        found.append(f"process {pid} ({Path(argv[0]).name}) still running"
+        what = " ".join([Path(argv[0]).name, *argv[1:3]] if argv[1:2] == ["-m"] else
+                        [Path(argv[0]).name])
+        found.append(f"process {pid} ({what}) still running"
                      + (", killed" if kill else ""))
         if kill:  # report it, but do not leave it burning CPU
             with contextlib.suppress(ProcessLookupError):
