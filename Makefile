@@ -76,7 +76,7 @@ series-check: deps qemu-upstream
 	scripts/series-check -t cpr-memory-test
 
 check: venv
-	$(VENV)/bin/ruff check control tests
+	$(VENV)/bin/ruff check control tests docs/examples
 	$(VENV)/bin/mypy
 
 # Everything the tests need is built first, and a build that fails (the L1

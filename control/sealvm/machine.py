@@ -134,16 +134,27 @@ class Machine:
 
     @property
     def pid(self) -> int | None:
+        """The QEMU process's pid (changes with cpr-transfer), None before
+        launch or attach."""
         return self.state.pid if self.state else None
 
     @property
     def argv(self) -> list[str]:
+        """The command line QEMU runs with.
+
+        :raise StateError: before launch or attach.
+        """
         if self.state is None:
             raise StateError(f"VM {self.name}: not launched (call launch() or attach() first)")
         return list(self.state.argv)
 
     @property
     def qmp(self) -> QMPClient:
+        """The connected qemu.qmp client (prefer `execute`; it is replaced
+        at every live update).
+
+        :raise StateError: when not connected.
+        """
         if self._qmp is None:
             raise StateError(f"VM {self.name}: not connected (call launch() or attach() first)")
         return self._qmp
@@ -156,9 +167,11 @@ class Machine:
 
     @property
     def exitcode(self) -> int | None:
+        """QEMU's exit status once it exited (negative: killed by a signal)."""
         return self.process.exitcode if self.process else None
 
     def alive(self) -> bool:
+        """True while this object's QEMU process runs."""
         return self.process is not None and self.process.alive()
 
     # -------------------------------------------------------------- launching
@@ -344,6 +357,7 @@ class Machine:
     # ------------------------------------------------------------------- QMP
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last *lines* lines of QEMU's log (its stderr), or ""."""
         try:
             text = self.paths.qemu_log.read_text(errors="replace")
         except FileNotFoundError:
@@ -455,12 +469,15 @@ class Machine:
         return str(reply["status"])
 
     async def pause(self) -> None:
+        """Pause the guest (QMP ``stop``)."""
         await self.execute("stop")
 
     async def resume(self) -> None:
+        """Resume the guest (QMP ``cont``)."""
         await self.execute("cont")
 
     async def reset(self) -> None:
+        """Reset the guest (QMP ``system_reset``): it boots again."""
         await self.execute("system_reset")
 
     async def powerdown(self, *, timeout: float = 10.0) -> bool:
@@ -470,6 +487,7 @@ class Machine:
         return await self.process.wait_exit(timeout)
 
     async def wait_exit(self, timeout: float | None = None) -> bool:
+        """Wait until QEMU exited; False if it still runs after *timeout*."""
         return True if self.process is None else await self.process.wait_exit(timeout)
 
     async def detach(self) -> None:

@@ -166,6 +166,18 @@ def pids_with_arg(arg: str) -> list[int]:
     return sorted(found)
 
 
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes other than this one with *text* in their command line
+    (anywhere in any argument): what still runs from a given run directory."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            argv = cmdline(int(entry))
+            if argv and any(text in a for a in argv) and pid_alive(int(entry)):
+                found.append(int(entry))
+    return sorted(found)
+
+
 def exe_of(pid: int) -> str:
     """The executable *pid* runs now (changes at exec)."""
     return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")

@@ -83,6 +83,10 @@ DEFAULT_FIRMWARE = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
 
 @dataclass(frozen=True)
 class MemorySpec:
+    """Guest RAM: *size* in bytes, *backend* ``memfd`` (sealed, shared,
+    survives a live update) or ``ram`` (refused by preflight), optionally
+    on huge pages of *hugetlbsize* bytes."""
+
     size: int
     backend: str = "memfd"
     hugetlb: bool = False
@@ -91,6 +95,9 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class GuestSpec:
+    """What the guest boots: a multiboot *kernel* (``-kernel``) and its
+    command line (the test guest reads ``hb_ms=N``)."""
+
     kernel: Path
     cmdline: str = ""
     initrd: Path | None = None
@@ -134,6 +141,7 @@ class VfioSpec:
 
     @property
     def sysfs_path(self) -> Path:
+        """The device's sysfs directory (the mdev's, or the PCI function's)."""
         if self.sysfsdev is not None:
             return self.sysfsdev
         return Path("/sys/bus/pci/devices") / str(self.host)
@@ -154,6 +162,9 @@ class ScriptsSpec:
 
 @dataclass(frozen=True)
 class VmSpec:
+    """A validated VM spec (`load_spec`, `spec_from_dict`); immutable, and
+    ``spec_from_dict(spec.to_dict())`` gives it back."""
+
     name: str
     qemu: Path
     memory: MemorySpec
@@ -170,6 +181,7 @@ class VmSpec:
     scripts: ScriptsSpec = ScriptsSpec()
 
     def with_qemu(self, qemu: Path) -> VmSpec:
+        """The same spec with another QEMU binary."""
         return replace(self, qemu=qemu)
 
     def to_dict(self) -> dict[str, Any]:
