@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from sealvm import Machine, PreflightError, QMPReplyError, live_update, procfs
 from sealvm.console import ConsoleFollower
 from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
 from sealvm.plan import incoming_argv
-from sealvm.spec import VmSpec
+from sealvm.spec import DEFAULT_FIRMWARE, VmSpec
 
 EXPECTED = procfs.RAM_SEALS | procfs.F_SEAL_EXEC
 
@@ -238,3 +239,27 @@ def test_malformed_inventory_is_a_typed_error() -> None:
                     {"iova": 0, "size": 1, "mode": "teleport"}]}]}):
         with pytest.raises(QMPReplyError, match="x-query-cpr-memory"):
             parse_inventory(bad)
+
+
+def run_qemu_briefly(qemu: Path, *args: str, pass_fds: tuple[int, ...] = ()
+                     ) -> subprocess.CompletedProcess[str]:
+    firmware = [arg for fw in DEFAULT_FIRMWARE for arg in ("-L", str(fw))]
+    return subprocess.run([str(qemu), *firmware, "-nodefaults", "-display", "none", "-S",
+                           *args],
+                          pass_fds=pass_fds, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_fd_passed_vfio_device_without_id_fails_cleanly(qemu_binary: Path) -> None:
+    """A VFIO device passed by fd without an id used to segfault at start-up
+    (cpr_save_fd(NULL) -> strlen(NULL)), which made the CPR id blocker
+    unreachable.  Now it gets as far as the iommufd backend (this host has
+    no usable /dev/iommu, or no such VFIO device behind fd 3) and exits with
+    an error."""
+    with open(os.devnull) as null:
+        fd = null.fileno()
+        proc = run_qemu_briefly(qemu_binary, "-object", "iommufd,id=iommufd0",
+                                "-device", f"vfio-pci,fd={fd},iommufd=iommufd0",
+                                pass_fds=(fd,))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "vfio" in proc.stderr, proc.stderr
