@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from sealvm.console import ConsoleFollower
 from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
 from sealvm.plan import incoming_argv
 from sealvm.pytest_plugin import GuestChecker, VmLauncher
-from sealvm.spec import VmSpec
+from sealvm.spec import DEFAULT_FIRMWARE, VmSpec
 
 EXPECTED = procfs.RAM_SEALS | procfs.F_SEAL_EXEC
 
@@ -223,3 +224,77 @@ def test_malformed_inventory_is_a_typed_error() -> None:
                     {"iova": 0, "size": 1, "mode": "teleport"}]}]}):
         with pytest.raises(QMPReplyError, match="x-query-cpr-memory"):
             parse_inventory(bad)
+
+
+# require-sealed on an iommufd object: memory that VFIO would have to map
+# by file although it is not sealed against resizing is refused when it is
+# plugged.  The VFIO listener could only hw_error() on it at run time.
+REQUIRE_SEALED = ("-m", "slots=2,maxmem=1G",
+                  "-object", "iommufd,id=iommufd0,require-sealed=on")
+
+
+async def plug_dimm(vm: Machine, dimm: str, backend: dict[str, Any]) -> None:
+    """Hot-plug a DIMM on a new memory backend, as a user would."""
+    await vm.execute("object-add", {"id": f"{dimm}-mem", "size": 64 << 20, **backend})
+    await vm.execute("device_add", {"driver": "pc-dimm", "id": dimm, "memdev": f"{dimm}-mem"})
+
+
+async def dimms(vm: Machine) -> set[str]:
+    devices = await vm.execute("query-memory-devices")
+    return {d["data"]["id"] for d in devices if d["type"] == "dimm"}
+
+
+async def test_require_sealed_refuses_an_unsealed_dimm_and_the_guest_runs_on(
+    make_spec: Callable[..., VmSpec], run_root: Path
+) -> None:
+    """What this covers: the pre-plug check of the iommufd require-sealed
+    property, which needs no VFIO device.  With a VFIO device (nested tier
+    only), v1 let the same DIMM reach the VFIO listener's hw_error() and
+    abort QEMU; without one, as here, v1 accepted it silently."""
+    vm = Machine(make_spec(extra_args=list(REQUIRE_SEALED)), run_root=run_root)
+    await vm.launch()
+    try:
+        async with ConsoleFollower(vm.paths.serial) as con:
+            await con.wait_full_pass()
+            with pytest.raises(QMPReplyError, match=(
+                    r"memory region unsealed-mem is backed by a file that is not sealed "
+                    r"against resizing \(seals 0x\w+\), which the require-sealed "
+                    r"property of iommufd iommufd0 forbids")):
+                await plug_dimm(vm, "unsealed", {"qom-type": "memory-backend-memfd",
+                                                 "share": True, "seal": False})
+            assert await vm.status() == "running"
+            # Sealed memfd memory is mapped by file and plugs; anonymous
+            # memory is mapped by address, which require-sealed leaves alone.
+            await plug_dimm(vm, "sealed", {"qom-type": "memory-backend-memfd",
+                                           "share": True, "seal": True})
+            await plug_dimm(vm, "anon", {"qom-type": "memory-backend-ram"})
+            assert await dimms(vm) == {"sealed", "anon"}
+            await con.wait_full_pass()
+            assert_guest_intact(con.log)
+        assert await vm.status() == "running"
+    finally:
+        await vm.shutdown()
+
+
+def run_qemu_briefly(qemu: Path, *args: str, pass_fds: tuple[int, ...] = ()
+                     ) -> subprocess.CompletedProcess[str]:
+    firmware = [arg for fw in DEFAULT_FIRMWARE for arg in ("-L", str(fw))]
+    return subprocess.run([str(qemu), *firmware, "-nodefaults", "-display", "none", "-S",
+                           *args],
+                          pass_fds=pass_fds, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_fd_passed_vfio_device_without_id_fails_cleanly(qemu_binary: Path) -> None:
+    """A VFIO device passed by fd without an id used to segfault at start-up
+    (cpr_save_fd(NULL) -> strlen(NULL)), which made the CPR id blocker
+    unreachable.  Now it gets as far as the iommufd backend (this host has
+    no usable /dev/iommu, or no such VFIO device behind fd 3) and exits with
+    an error."""
+    with open(os.devnull) as null:
+        fd = null.fileno()
+        proc = run_qemu_briefly(qemu_binary, "-object", "iommufd,id=iommufd0",
+                                "-device", f"vfio-pci,fd={fd},iommufd=iommufd0",
+                                pass_fds=(fd,))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "vfio" in proc.stderr, proc.stderr

@@ -435,6 +435,102 @@ async def paused_cpr_exec(checks: Checks, vm: Machine, con: ConsoleFollower,
     return row
 
 
+async def run_job(vm: Machine, command: str, args: dict[str, Any]) -> None:
+    """Run a QMP job to its end and dismiss it; raise if it failed."""
+    job_id = args["job-id"]
+    events = vm.events(["JOB_STATUS_CHANGE"])
+    try:
+        await vm.execute(command, args)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async for ev in events:
+                if ev["data"]["id"] == job_id and ev["data"]["status"] == "concluded":
+                    break
+    finally:
+        await events.aclose()
+    job = next(j for j in await vm.execute("query-jobs") if j["id"] == job_id)
+    await vm.execute("job-dismiss", {"id": job_id})
+    if "error" in job:
+        raise RuntimeError(f"{command}: {job['error']}")
+
+
+async def qcow2_node(vm: Machine, path: Path, node: str) -> None:
+    """A qcow2 image for snapshots, made through QMP (no qemu-img here)."""
+    await run_job(vm, "blockdev-create", {"job-id": f"{node}-file", "options": {
+        "driver": "file", "filename": str(path), "size": 0}})
+    await vm.execute("blockdev-add", {"driver": "file", "node-name": f"{node}-file",
+                                      "filename": str(path)})
+    await run_job(vm, "blockdev-create", {"job-id": f"{node}-fmt", "options": {
+        "driver": "qcow2", "file": f"{node}-file", "size": 64 << 20}})
+    await vm.execute("blockdev-add", {"driver": "qcow2", "node-name": node,
+                                      "file": f"{node}-file"})
+
+
+async def savevm_after_failed_cpr(checks: Checks, vm: Machine, con: ConsoleFollower,
+                                  qlog: QemuLog, kw: KernelWatch) -> dict[str, Any]:
+    """A cpr-exec that fails (its command cannot be executed) leaves the
+    mode parameter at cpr-exec.  A snapshot taken afterwards must still save
+    the device state: it does not share the device with another QEMU."""
+    image = RUN_ROOT / "snapshot.qcow2"
+    await qcow2_node(vm, image, "snap")
+    await vm.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "events", "state": True}]})
+    await vm.execute("migrate-set-parameters", {
+        "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu-system-x86_64"]})
+    events = vm.events(["MIGRATION"])
+    try:
+        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+        # cpr-exec completes the migration, then fails to exec: completed,
+        # then failed, and the VM runs again.
+        seen = []
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async for ev in events:
+                seen.append(ev["data"]["status"])
+                if seen[-1] in ("failed", "cancelled"):
+                    break
+    finally:
+        await events.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            vm.paths.cpr_state.unlink()
+    cpr_status = seen[-1]
+    params = await vm.execute("query-migrate-parameters")
+    status_after_cpr = await vm.status()
+    before, _ = last_mtty(con.log)
+    kw.drain()
+    qlog.new_events()
+    await run_job(vm, "snapshot-save", {"job-id": "savevm", "tag": "after-failed-cpr",
+                                        "vmstate": "snap", "devices": ["snap"]})
+    traces = qlog.new_events()
+    kernel = kernel_summary(kw.drain())
+    await wait_mtty(con, before + 2, STEP_TIMEOUT)
+    ok, err = last_mtty(con.log)
+    await vm.execute("migrate-set-parameters", {"mode": "normal"})
+    await vm.execute("blockdev-del", {"node-name": "snap"})
+    await vm.execute("blockdev-del", {"node-name": "snap-file"})
+    image.unlink()
+    assert vm.pid is not None
+    row = {"cpr_status": cpr_status, "mode_after_cpr": params["mode"],
+           "status_after_cpr": status_after_cpr, "traces": counts(traces),
+           "set_state": set_state_targets(traces), "kernel": kernel,
+           "mtty_before": before, "mtty_after": ok, "mtty_err": err,
+           "status": await vm.status(), "trace_lines": [f"{n} {r}" for n, r in traces]}
+    tag = "savevm after a failed cpr-exec"
+    checks.check(f"{tag}: the cpr-exec failed, the VM runs, mode stays cpr-exec",
+                 cpr_status == "failed" and status_after_cpr == "running"
+                 and params["mode"] == "cpr-exec",
+                 {k: row[k] for k in ("cpr_status", "status_after_cpr", "mode_after_cpr")})
+    checks.check(f"{tag}: QEMU saved the device state (vfio_save_setup, "
+                 "vfio_save_complete_precopy)",
+                 row["traces"]["vfio_save_setup"] >= 1
+                 and row["traces"]["vfio_save_complete_precopy"] >= 1,
+                 {k: row["traces"][k] for k in STATE_TRACES})
+    checks.check(f"{tag}: the driver went through STOP_COPY (kprobe)",
+                 "STOP_COPY" in kernel["set_state"], kernel["set_state"])
+    checks.check(f"{tag}: the guest runs on, its UART exchange without error",
+                 row["status"] == "running" and ok > before + 1 and err == 0,
+                 f"status={row['status']} mtty {before} -> {ok}, mtty_err={err}")
+    return row
+
+
 async def scenario(checks: Checks, updates: int, hb_ms: int) -> None:
     kw = KernelWatch()
     mdevs: list[Path] = []
@@ -497,6 +593,8 @@ async def scenario(checks: Checks, updates: int, hb_ms: int) -> None:
                          checks.figures["pass_after_updates"])
             checks.figures["paused_cpr_exec"] = await paused_cpr_exec(
                 checks, vm, con, qlog, kw, mdev=src)
+            checks.figures["savevm_after_failed_cpr"] = await savevm_after_failed_cpr(
+                checks, vm, con, qlog, kw)
 
             # Normal migration to the other instance: the state must travel.
             vm.spec = dataclasses.replace(

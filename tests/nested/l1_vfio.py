@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -234,6 +235,38 @@ def qmp_view_ok(view: dict[str, Any], backend: str) -> bool:
     return bool(c["ram0_modes"] == ["vaddr"])
 
 
+async def mapping_records(vm: Machine) -> list[tuple[str, int, int, str]]:
+    """Every DMA mapping record of every container (x-query-cpr-memory)."""
+    info = await vm.execute("x-query-cpr-memory")
+    return [(c["backend"], m["iova"], m["size"], m["mode"])
+            for c in info["vfio-containers"] for m in c["mappings"]]
+
+
+async def failed_cpr_exec(vm: Machine) -> list[str]:
+    """A cpr-exec whose command cannot be executed: the migration completes,
+    exec fails, the migration fails and the VM runs on.  Type1 has unmapped
+    the vaddrs in pre_save and maps every section again to restore them."""
+    await vm.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "events", "state": True}]})
+    await vm.execute("migrate-set-parameters", {
+        "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu-system-x86_64"]})
+    events = vm.events(["MIGRATION"])
+    seen = []
+    try:
+        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+        async with asyncio.timeout(STEP_TIMEOUT):
+            async for ev in events:
+                seen.append(ev["data"]["status"])
+                if seen[-1] in ("failed", "cancelled"):
+                    break
+    finally:
+        await events.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            vm.paths.cpr_state.unlink()
+    await vm.execute("migrate-set-parameters", {"mode": "normal"})
+    return seen
+
+
 async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: str,
                    hb_ms: int, stock_qemu: bool = False) -> None:
     bind_vfio_pci(bdf)
@@ -285,6 +318,24 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
             check_qmp_view(checks, f"x-query-cpr-memory: ram0 mapped by "
                            f"{'file' if backend == 'iommufd' else 'vaddr'}",
                            view, backend, stock_qemu)
+            if backend == "legacy" and not stock_qemu:
+                # v1 tracked the remaps of the failure path as new mappings.
+                records = await mapping_records(vm)
+                seen = await failed_cpr_exec(vm)
+                after = await mapping_records(vm)
+                before_dma, _ = last_dma(con.log)
+                await wait_dma(con, before_dma + 2, STEP_TIMEOUT)
+                checks.figures["failed_cpr_exec"] = {
+                    "migration": seen, "records_before": len(records),
+                    "records_after": len(after), "status": await vm.status()}
+                checks.check("failed cpr-exec: the migration failed, the VM runs on, "
+                             "DMA goes on",
+                             seen[-1:] == ["failed"] and await vm.status() == "running",
+                             checks.figures["failed_cpr_exec"])
+                checks.check("failed cpr-exec: type1's remaps left the mapping records "
+                             "as they were (no duplicates)",
+                             bool(records) and sorted(after) == sorted(records),
+                             {"before": records, "after": after})
             dma0, err0 = last_dma(con.log)
             checks.check("DMA heartbeat before the first update",
                          dma0 >= DMA_WARMUP and err0 == 0,

@@ -120,3 +120,14 @@ def test_paused_cpr_exec_then_cont_runs_the_device(l1: L1Outcome) -> None:
     assert p["during_exec"]["set_state"] == [] and p["during_exec"]["resets"] == 0, p
     assert p["resumed"]["state"] == "RUNNING", p["resumed"]
     assert p["mtty_err"] == 0 and p["mtty_after"] > p["mtty_before"], p
+
+
+def test_savevm_after_a_failed_cpr_saves_the_device_state(l1: L1Outcome) -> None:
+    """The mode parameter stays cpr-exec after a failed cpr-exec; a snapshot
+    (snapshot-save, runstate save-vm) must still save the device state."""
+    s = mtty_result(l1)["figures"]["savevm_after_failed_cpr"]
+    assert s["cpr_status"] == "failed" and s["mode_after_cpr"] == "cpr-exec", s
+    assert s["traces"]["vfio_save_setup"] >= 1, s["traces"]
+    assert s["traces"]["vfio_save_complete_precopy"] >= 1, s["traces"]
+    assert "STOP_COPY" in s["kernel"]["set_state"], s["kernel"]
+    assert s["status"] == "running" and s["mtty_err"] == 0, s

@@ -135,3 +135,12 @@ def test_nothing_left_behind(l1: L1Outcome) -> None:
     assert not info.get("killed_leftovers"), info.get("killed_leftovers")
     assert not l1.qemu_left, f"L1 QEMU still running: {l1.qemu_left}"
     assert not l0_qemus_mentioning(str(l1.share))
+
+
+def test_failed_cpr_exec_leaves_no_duplicate_mapping_records(l1: L1Outcome) -> None:
+    """Type1's failure path maps every section again to restore the vaddrs;
+    the container's mapping records must stay as they were."""
+    res = assert_scenario_passed(l1, "vfio-legacy")
+    f = res["figures"]["failed_cpr_exec"]
+    assert f["migration"][-1:] == ["failed"] and f["status"] == "running", f
+    assert f["records_after"] == f["records_before"] > 0, f
