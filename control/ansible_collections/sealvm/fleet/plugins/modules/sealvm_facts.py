@@ -93,14 +93,16 @@ from ansible_collections.sealvm.fleet.plugins.module_utils.sealvm_cli import (
     run_sealvm,
 )
 
+#: the options (DOCUMENTATION lists the same, checked by tests/test_fleet.py)
+ARGUMENT_SPEC = dict(
+    host_check=dict(type="bool", default=True),
+    require=dict(type="list", elements="str", default=[]),
+    **COMMON_ARGS,
+)
+
 
 def main():
-    argument_spec = dict(
-        host_check=dict(type="bool", default=True),
-        require=dict(type="list", elements="str", default=[]),
-    )
-    argument_spec.update(COMMON_ARGS)
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
 
     rc, data, out, err = run_sealvm(module, ["status"])

@@ -185,18 +185,21 @@ def vm_status(module, name):
     return data
 
 
+#: the options (DOCUMENTATION lists the same, checked by tests/test_fleet.py)
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    qemu=dict(type="path"),
+    mode=dict(type="str", choices=["exec", "transfer", "migrate"], default="exec"),
+    force=dict(type="bool", default=False),
+    heartbeat_ms=dict(type="int", default=0),
+    timeout=dict(type="float", default=60.0),
+    wait=dict(type="bool", default=False),
+    **COMMON_ARGS,
+)
+
+
 def main():
-    argument_spec = dict(
-        name=dict(type="str", required=True),
-        qemu=dict(type="path"),
-        mode=dict(type="str", choices=["exec", "transfer", "migrate"], default="exec"),
-        force=dict(type="bool", default=False),
-        heartbeat_ms=dict(type="int", default=0),
-        timeout=dict(type="float", default=60.0),
-        wait=dict(type="bool", default=False),
-    )
-    argument_spec.update(COMMON_ARGS)
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     name = p["name"]
     mode = REPORT_MODES[p["mode"]]

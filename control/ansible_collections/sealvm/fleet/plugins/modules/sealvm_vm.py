@@ -104,16 +104,19 @@ def spec_name(module, path):
     return name
 
 
+#: the options (DOCUMENTATION lists the same, checked by tests/test_fleet.py)
+ARGUMENT_SPEC = dict(
+    name=dict(type="str"),
+    spec=dict(type="path"),
+    state=dict(type="str", choices=["up", "down"], default="up"),
+    timeout=dict(type="float"),
+    **COMMON_ARGS,
+)
+
+
 def main():
-    argument_spec = dict(
-        name=dict(type="str"),
-        spec=dict(type="path"),
-        state=dict(type="str", choices=["up", "down"], default="up"),
-        timeout=dict(type="float"),
-    )
-    argument_spec.update(COMMON_ARGS)
     module = AnsibleModule(
-        argument_spec=argument_spec, supports_check_mode=True,
+        argument_spec=ARGUMENT_SPEC, supports_check_mode=True,
         required_if=[("state", "up", ("spec",))], required_one_of=[("name", "spec")])
     p = module.params
     name = p["name"]
