@@ -67,7 +67,7 @@ from .errors import (
 )
 from .host import PROBES, host_check
 from .lock import VmLock
-from .machine import Machine, list_vms
+from .machine import Machine, VmState, list_vms
 from .plan import RunPaths
 from .preflight import run_preflight
 from .runroot import default_run_root
@@ -187,6 +187,16 @@ async def cmd_up(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _exe(state: VmState) -> str | None:
+    """The binary a VM's QEMU runs now (from /proc, no monitor), None when it is gone."""
+    if not state.alive():
+        return None
+    try:
+        return procfs.exe_of(state.pid)
+    except OSError:
+        return None
+
+
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     if args.vm:
         paths = _paths(args)
@@ -214,7 +224,7 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
             lock.release()
         out.result(info, _info_text(info))
         return 0
-    vms = [{"name": s.name, "pid": s.pid, "alive": s.alive(),
+    vms = [{"name": s.name, "pid": s.pid, "alive": s.alive(), "qemu": _exe(s),
             "generation": s.generation,
             "interrupted_update": RunPaths((args.run_dir or default_run_root()) / s.name)
             .journal.exists()} for s in list_vms(args.run_dir)]

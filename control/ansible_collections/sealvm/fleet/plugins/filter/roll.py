@@ -33,7 +33,7 @@ def sealvm_record(res, vm, stage="roll"):
     result = res.get("result") or ("error" if failed else "ok")
     msg = res.get("msg", "") if failed else ""
     return dict(
-        vm=vm, stage=stage, result=result, failed=failed,
+        vm=vm, stage=stage, result=result, failed=failed, changed=bool(res.get("changed")),
         stop=failed and result in STOP_RESULTS,
         exit_code=res.get("exit_code", res.get("rc")),
         mode=res.get("mode"), pause_ms=res.get("pause_ms"),

@@ -13,6 +13,13 @@ description:
 author:
   - sealvm developers
 options:
+  details:
+    description:
+      - Also attach to each running VM (C(sealvm status NAME)) for its guest run state
+        (C(status)) and who holds its lock (C(busy)). Without it, C(status) is C(null) for a
+        running VM.
+    type: bool
+    default: false
   host_check:
     description: Run C(sealvm host-check) and include its probes.
     type: bool
@@ -68,9 +75,10 @@ ansible_facts:
           elements: str
         vms:
           description:
-            - Per VM name, C(pid), C(alive), C(status) (guest run state), C(qemu) (the
-              binary its QEMU process runs), C(generation) (live updates completed),
-              C(busy) (who holds its lock), C(interrupted_update).
+            - Per VM name, C(pid), C(alive), C(qemu) (the binary its QEMU process runs
+              now), C(generation) (live updates completed), C(interrupted_update); with
+              O(details=true) also C(status) (guest run state) and C(busy) (who holds its
+              lock). C(status) is C(dead) when the QEMU process is gone.
           type: dict
         binaries:
           description: Per QEMU binary in use, the VMs running it.
@@ -95,6 +103,7 @@ from ansible_collections.sealvm.fleet.plugins.module_utils.sealvm_cli import (
 
 #: the options (DOCUMENTATION lists the same, checked by tests/test_fleet.py)
 ARGUMENT_SPEC = dict(
+    details=dict(type="bool", default=False),
     host_check=dict(type="bool", default=True),
     require=dict(type="list", elements="str", default=[]),
     **COMMON_ARGS,
@@ -115,8 +124,8 @@ def main():
         vm = dict(name=name, pid=entry["pid"], alive=entry["alive"],
                   generation=entry["generation"],
                   interrupted_update=bool(entry["interrupted_update"]),
-                  busy=None, status=None, qemu=None)
-        if entry["alive"]:
+                  busy=None, status=None, qemu=entry.get("qemu"))
+        if entry["alive"] and p["details"]:
             rc, detail, out, err = run_sealvm(module, ["status", name])
             if rc == 0 and isinstance(detail, dict):
                 if "pid" in detail:
@@ -127,7 +136,7 @@ def main():
                               interrupted_update=bool(detail.get("interrupted_update")))
             else:
                 vm.update(status=f"unknown: {meaning(rc)} (exit {rc})")
-        else:
+        elif not entry["alive"]:
             vm.update(status="dead")
         if vm["qemu"]:
             binaries.setdefault(vm["qemu"], []).append(name)
