@@ -333,3 +333,35 @@ def test_module_docs_match_argument_specs(tmp_path: Path) -> None:
                             str(PLAYBOOKS / book)], env=env, capture_output=True, text=True,
                            timeout=120, check=False)
         assert p.returncode == 0, (book, p.stdout, p.stderr)
+
+
+def _collection(module: str) -> Any:
+    sys.path.insert(0, str(CONTROL))
+    try:
+        return importlib.import_module(f"ansible_collections.sealvm.fleet.plugins.{module}")
+    finally:
+        sys.path.remove(str(CONTROL))
+
+
+def test_exit_codes_and_what_stops_the_roll() -> None:
+    """The modules name every exit code the CLI documents, with its meaning;
+    exactly refused (4), rolled back (5), lost (6) and completed with errors
+    (11) stop the roll; other failures only fail their host."""
+    cli_doc = importlib.import_module("sealvm.cli").__doc__
+    assert cli_doc is not None
+    documented = {int(m[1]): m[2] for m in re.finditer(r"^    (\d+)\s+(\S.*)$", cli_doc, re.M)}
+    codes = _collection("module_utils.sealvm_cli").EXIT_CODES
+    assert sorted(codes) == sorted(documented) == list(range(12))
+    roll = _collection("filter.roll")
+    stops = set()
+    for rc, (name, meaning) in codes.items():
+        assert meaning and name
+        record = roll.sealvm_record({"failed": rc != 0, "result": name, "exit_code": rc,
+                                     "msg": meaning}, "vm")
+        assert record["failed"] == (rc != 0) and record["exit_code"] == rc
+        if record["stop"]:
+            stops.add(rc)
+    assert stops == {4, 5, 6, 11}
+    # a task that failed without a sealvm result (the module could not run)
+    crashed = roll.sealvm_record({"failed": True, "msg": "MODULE FAILURE"}, "vm")
+    assert crashed["result"] == "error" and not crashed["stop"]

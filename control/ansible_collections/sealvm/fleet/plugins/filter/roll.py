@@ -19,7 +19,9 @@ description:
     the rolling-update playbook.
 """
 
-#: results that stop the roll at once (as module_utils.sealvm_cli.STOP_RESULTS)
+#: results (module_utils.sealvm_cli.EXIT_CODES names) that stop the roll at
+#: once, whatever max_fail_percentage says: the update was refused, or it
+#: failed with the guest back on the old binary, lost, or suspect
 STOP_RESULTS = ("refused", "rolled-back", "lost", "completed-with-errors")
 #: precheck results that let the roll go on
 PRECHECK_OK = ("would-update", "unchanged")

@@ -29,9 +29,6 @@ EXIT_CODES = {
                                   "later step failed"),
 }
 
-#: results that stop a rolling update at once, whatever max_fail_percentage says
-STOP_RESULTS = ("refused", "rolled-back", "lost", "completed-with-errors")
-
 MODES = ("exec", "transfer", "migrate")
 
 
