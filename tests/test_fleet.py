@@ -208,10 +208,22 @@ def test_rolling_update_3x2(fleet: Fleet) -> None:
     assert all(v["generation"] == 0 for v in before.values())
     assert {vm for vm, v in before.items() if v["status"] == "running"} == {"a", "b", "e"}
 
-    # --- check mode: the precheck refuses c, the gate stops the roll; nothing changes
-    check, summary = fleet.roll("--check", summary="check.json")
+    # --- check mode: the precheck refuses c, the gate stops the roll; nothing
+    # changes.  Required capabilities: one this machine lacks, if it lacks any
+    # (no /dev/iommu here), is reported per host too
+    rc, probes = fleet.sealvm("host1", "host-check")
+    assert rc == 0, probes
+    lacking = [p["name"] for p in probes["probes"] if not p["ok"]][:1]
+    check, summary = fleet.roll("--check", "-e", json.dumps(
+        {"sealvm_require": ["memfd-seals", *lacking]}), summary="check.json")
     assert check.rc != 0
-    assert "roll not started: the precheck failed for host2/c: refused (exit 4)" in check.out
+    gate = re.search(r"roll not started: the precheck failed for (.*)", check.out)
+    assert gate and "host2/c: refused (exit 4): sealvm update c --dry-run" in gate[1], check.out
+    host_rows = [r for r in summary["rows"] if r["vm"] == "(host)"]
+    assert [(r["host"], r["result"], r["msg"]) for r in host_rows] == [
+        (host, "host-lacks", f"host-check: missing {lacking[0]}") for host in LAYOUT
+    ] if lacking else not host_rows
+    summary["rows"] = [r for r in summary["rows"] if r["vm"] != "(host)"]
     rows = rows_by_vm(summary)
     assert summary["check_mode"] is True and summary["after"] == "precheck"
     assert rows["c"]["result"] == "refused" and rows["c"]["stage"] == "precheck"

@@ -88,7 +88,7 @@ def sealvm_roll_rows(hostvars, hosts):
         missing = (_get(hostvars, host, "sealvm_host_check", {}) or {}).get("missing") or []
         if missing:
             rows.append(dict(host=host, vm="(host)", stage="precheck", result="host-lacks",
-                             failed=True, stop=True, exit_code=10,
+                             failed=True, stop=False, exit_code=10,
                              msg="host-check: missing " + ", ".join(missing)))
         for pre in precheck:
             vm = pre["vm"]
