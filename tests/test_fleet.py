@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,13 @@ class Fleet:
 
     def vms(self) -> dict[str, dict[str, Any]]:
         """VM -> pid, status, qemu, generation, as `sealvm status VM` says."""
+        pairs = [(host, vm) for host, vms in LAYOUT.items() for vm in vms]
+        with ThreadPoolExecutor(len(pairs)) as pool:  # six CLI processes side by side
+            answers = list(pool.map(lambda hv: self.sealvm(hv[0], "status", hv[1]), pairs))
         found = {}
-        for host, vms in LAYOUT.items():
-            for vm in vms:
-                rc, info = self.sealvm(host, "status", vm)
-                assert rc == 0, (host, vm, rc, info)
-                found[vm] = {k: info[k] for k in ("pid", "status", "qemu", "generation")}
+        for (host, vm), (rc, info) in zip(pairs, answers, strict=True):
+            assert rc == 0, (host, vm, rc, info)
+            found[vm] = {k: info[k] for k in ("pid", "status", "qemu", "generation")}
         return found
 
     def state_files(self) -> list[Path]:
@@ -302,12 +304,7 @@ def test_rolling_update_3x2(fleet: Fleet) -> None:
 
 def table(summary: dict[str, Any]) -> list[str]:
     """The summary rows as the playbook prints them (its own filter)."""
-    sys.path.insert(0, str(CONTROL))
-    try:
-        roll = importlib.import_module("ansible_collections.sealvm.fleet.plugins.filter.roll")
-    finally:
-        sys.path.remove(str(CONTROL))
-    lines: list[str] = roll.sealvm_roll_table(summary["rows"])
+    lines: list[str] = _collection("filter.roll").sealvm_roll_table(summary["rows"])
     return [f"after {summary['after']}", *lines]
 
 
@@ -317,29 +314,25 @@ def test_module_docs_match_argument_specs(tmp_path: Path) -> None:
     argument spec: names, types, defaults, choices, required.  The playbooks
     pass ansible-playbook --syntax-check."""
     env = ansible_env(tmp_path / "ansible")
-    sys.path.insert(0, str(CONTROL))
-    try:
-        for name in MODULES:
-            p = subprocess.run([str(BIN / "ansible-doc"), "--json", f"sealvm.fleet.{name}"],
-                               env=env, capture_output=True, text=True, timeout=120,
-                               check=False)
-            assert p.returncode == 0 and not p.stderr.strip(), (name, p.stderr)
-            doc = json.loads(p.stdout)[f"sealvm.fleet.{name}"]
-            assert doc["examples"].strip() and doc["return"], name
-            options = doc["doc"]["options"]
-            spec = importlib.import_module(
-                f"ansible_collections.sealvm.fleet.plugins.modules.{name}").ARGUMENT_SPEC
-            assert sorted(options) == sorted(spec), name
-            for opt, arg in spec.items():
-                d = options[opt]
-                assert d["type"] == arg.get("type", "str"), (name, opt)
-                assert d.get("default") == arg.get("default"), (name, opt)
-                assert d.get("choices") == arg.get("choices"), (name, opt)
-                assert bool(d.get("required")) == bool(arg.get("required")), (name, opt)
-                assert d.get("elements") == arg.get("elements"), (name, opt)
-            assert doc["doc"]["attributes"]["check_mode"]["support"] == "full", name
-    finally:
-        sys.path.remove(str(CONTROL))
+    p = subprocess.run([str(BIN / "ansible-doc"), "--json",
+                        *(f"sealvm.fleet.{name}" for name in MODULES)],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    docs = json.loads(p.stdout)
+    for name in MODULES:
+        doc = docs[f"sealvm.fleet.{name}"]
+        assert doc["examples"].strip() and doc["return"], name
+        options = doc["doc"]["options"]
+        spec = _collection(f"modules.{name}").ARGUMENT_SPEC
+        assert sorted(options) == sorted(spec), name
+        for opt, arg in spec.items():
+            d = options[opt]
+            assert d["type"] == arg.get("type", "str"), (name, opt)
+            assert d.get("default") == arg.get("default"), (name, opt)
+            assert d.get("choices") == arg.get("choices"), (name, opt)
+            assert bool(d.get("required")) == bool(arg.get("required")), (name, opt)
+            assert d.get("elements") == arg.get("elements"), (name, opt)
+        assert doc["doc"]["attributes"]["check_mode"]["support"] == "full", name
     for book in ("rolling-update.yml", "vms.yml"):
         p = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,",
                             str(PLAYBOOKS / book)], env=env, capture_output=True, text=True,
