@@ -311,8 +311,8 @@ def table(summary: dict[str, Any]) -> list[str]:
 def test_module_docs_match_argument_specs(tmp_path: Path) -> None:
     """ansible-doc parses each module's DOCUMENTATION (with the doc fragment),
     EXAMPLES and RETURN, and the options it documents are the module's
-    argument spec: names, types, defaults, choices, required.  The playbooks
-    pass ansible-playbook --syntax-check."""
+    argument spec: names, types, defaults, choices, required.  The collection
+    builds (galaxy.yml); the playbooks pass ansible-playbook --syntax-check."""
     env = ansible_env(tmp_path / "ansible")
     p = subprocess.run([str(BIN / "ansible-doc"), "--json",
                         *(f"sealvm.fleet.{name}" for name in MODULES)],
@@ -333,6 +333,11 @@ def test_module_docs_match_argument_specs(tmp_path: Path) -> None:
             assert bool(d.get("required")) == bool(arg.get("required")), (name, opt)
             assert d.get("elements") == arg.get("elements"), (name, opt)
         assert doc["doc"]["attributes"]["check_mode"]["support"] == "full", name
+    build = subprocess.run([str(BIN / "ansible-galaxy"), "collection", "build", str(COLLECTION),
+                            "--output-path", str(tmp_path)], env=env, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert build.returncode == 0, build.stdout + build.stderr  # galaxy.yml, meta/runtime.yml
+    assert (tmp_path / "sealvm-fleet-0.1.0.tar.gz").is_file()
     for book in ("rolling-update.yml", "vms.yml"):
         p = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,",
                             str(PLAYBOOKS / book)], env=env, capture_output=True, text=True,
