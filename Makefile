@@ -16,9 +16,11 @@ QEMU = $(shell scripts/build-qemu --print 2>/dev/null)
 QEMU_UPSTREAM = $(shell scripts/build-qemu --upstream --print 2>/dev/null)
 GUEST = $(shell scripts/build-guest --print 2>/dev/null)
 HOST_KERNEL = $(shell scripts/build-kernel --print 2>/dev/null)
+LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	host-kernel print-host-kernel check test test-unit faults fleet soak demo bench \
+	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
+	soak demo bench bench-endpoint \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -60,22 +62,31 @@ host-kernel: deps
 print-host-kernel:
 	@scripts/build-kernel --print
 
+# The Linux test guest: the L1 kernel above (virtio-net/blk built in) and an
+# initramfs (busybox-static + images/linux-guest's workload), cached by content.
+linux-guest: deps host-kernel
+	@scripts/build-linux-guest
+
+print-linux-guest:
+	@scripts/build-linux-guest --print
+
 # Apply the series patch by patch to pristine 10.2.2, build every prefix
 # incrementally, run checkpatch on every patch, run the series' qtest.
 series-check: deps qemu-upstream
 	scripts/series-check -t cpr-memory-test
 
 check: venv
-	$(VENV)/bin/ruff check control tests
+	$(VENV)/bin/ruff check control tests docs/examples
 	$(VENV)/bin/mypy
 
 # Everything the tests need is built first, and a build that fails (the L1
 # kernel too) fails `make test`; pytest gets the paths in env.
 # SEALVM_STRICT_SKIPS=1: a skip for anything but a host fact (the allow-list
 # in tests/conftest.py, printed at the end), or no test at all, fails the run.
-test: deps qemu qemu-upstream guest host-kernel
+test: deps qemu qemu-upstream guest host-kernel linux-guest
 	SEALVM_STRICT_SKIPS=1 SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) \
 		SEALVM_GUEST=$(GUEST) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		SEALVM_LINUX_GUEST=$(LINUX_GUEST) \
 		$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-unit: venv
@@ -100,6 +111,11 @@ SOAK_ARGS ?= --updates 1000 --size 512M
 soak: deps qemu guest
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m soak.soak $(SOAK_ARGS)
 
+# What the QMP endpoint for scripts costs the pause (tests/bench/endpoint_ab.py).
+ENDPOINT_AB_ARGS ?=
+bench-endpoint: deps qemu guest
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.endpoint_ab $(ENDPOINT_AB_ARGS)
+
 # Benchmarks are not tests: one run, side by side, ratios printed last.
 BENCH_ARGS ?=
 bench: deps qemu qemu-upstream guest
@@ -107,8 +123,12 @@ bench: deps qemu qemu-upstream guest
 	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
 		$(PY) -m sealvm.bench --out bench-results $(BENCH_ARGS)
 
-demo: deps qemu guest
+# Part 1: the test guest, RAM and seals through updates; part 2: an operator's
+# VM, the Linux guest with TCP, UDP and its disk writer (tests/linux/demo.py).
+demo: deps qemu guest host-kernel linux-guest
 	SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) $(PY) -m sealvm.demo
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		SEALVM_LINUX_GUEST=$(LINUX_GUEST) ../$(PY) -m linux.demo
 
 clean-venv:
 	rm -rf $(VENV)

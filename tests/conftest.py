@@ -1,6 +1,7 @@
 """
 Shared fixtures: the built QEMU and test guest, a private run directory,
-and a leak check around every test (no QEMU, socket or run file left).
+and a leak check around every test (no QEMU, socket or run file left), all
+from sealvm's own pytest plugin (`sealvm.pytest_plugin`).
 
 Capability gates skip with a reason; they never fail.  But under
 ``SEALVM_STRICT_SKIPS=1`` (``make test`` sets it) a skip is allowed only for
@@ -14,79 +15,67 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from helpers import qemus_mentioning
-from sealvm import Machine, spec_from_dict
+from sealvm import Machine
 from sealvm.spec import VmSpec
+
+if TYPE_CHECKING:  # imported by pytest_plugins below, with its asserts rewritten
+    from sealvm.pytest_plugin import SealvmConfig, SpecFactory
+
+#: The project's own tests use sealvm's pytest plugin (VM fixtures, the
+#: leak check); registered here too for a checkout that is not installed.
+pytest_plugins = ["sealvm.pytest_plugin"]
 
 
 @pytest.fixture
-def run_root(tmp_path: Path) -> Iterator[Path]:
-    """A private run directory; afterwards, nothing of a VM may remain."""
-    root = tmp_path / "run"
-    root.mkdir()
-    yield root
-    leaked = qemus_mentioning(str(root))
-    for pid in leaked:  # report it, but do not leave it burning CPU
-        os.kill(pid, signal.SIGKILL)
-    sockets = [p for p in root.rglob("*") if p.is_socket()]
-    states = list(root.rglob("state.json"))
-    assert not leaked, f"QEMU processes left running: {leaked}"
-    assert not sockets, f"sockets left behind: {sockets}"
-    assert not states, f"state files left behind: {states}"
+def run_root(sealvm_run_root: Path) -> Path:
+    """A private run directory; afterwards, nothing of a VM may remain (the
+    plugin's leak check: no process naming it, no socket, no state file)."""
+    return sealvm_run_root
 
 
 @pytest.fixture(scope="session")
-def qemu_binary() -> Path:
-    path = os.environ.get("SEALVM_QEMU")
-    if not path or not os.access(path, os.X_OK):
-        pytest.skip(reason="no built QEMU: run `make test` (sets SEALVM_QEMU) or `make qemu`")
-    return Path(path)
+def qemu_binary(sealvm_config: SealvmConfig) -> Path:
+    """The QEMU under test (``--sealvm-qemu`` / $SEALVM_QEMU)."""
+    return sealvm_config.require_qemu()
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> Path:
-    path = os.environ.get("SEALVM_GUEST")
-    if not path or not os.path.isfile(path):
-        pytest.skip(reason="no test guest: run `make test` (sets SEALVM_GUEST) or `make guest`")
-    return Path(path)
+def guest_image(sealvm_config: SealvmConfig) -> Path:
+    """The test guest (``--sealvm-guest`` / $SEALVM_GUEST)."""
+    return sealvm_config.require_guest()
 
 
 HB_MS = 10
 
 
 @pytest.fixture
-def make_spec(qemu_binary: Path, guest_image: Path) -> Callable[..., VmSpec]:
-    """Build a spec for the test guest; keyword overrides go to the TOML dict."""
+def make_spec(sealvm_spec: SpecFactory, guest_image: Path) -> Callable[..., VmSpec]:
+    """Build a spec for the test guest; keyword overrides go to the TOML dict
+    (the plugin's `SpecFactory` fills in the QEMU)."""
 
     def make(name: str = "vm", *, size: str = "256M", backend: str = "memfd",
              cmdline: str = f"hb_ms={HB_MS}", **extra: object) -> VmSpec:
         data: dict[str, object] = {
             "name": name,
-            "qemu": str(qemu_binary),
             "memory": {"size": size, "backend": backend},
             "guest": {"kernel": str(guest_image), "cmdline": cmdline},
         }
         data.update(extra)
-        return spec_from_dict(data)
+        return sealvm_spec(data)
 
     return make
 
 
 @pytest.fixture
-async def vm(make_spec: Callable[..., VmSpec], run_root: Path) -> AsyncIterator[Machine]:
-    """A running test guest with 256 MiB of sealed memfd RAM."""
-    machine = Machine(make_spec(), run_root=run_root)
-    await machine.launch()
-    try:
-        yield machine
-    finally:
-        await machine.shutdown()
+def vm(sealvm_vm: Machine) -> Machine:
+    """A running test guest with 256 MiB of sealed memfd RAM (the plugin's)."""
+    return sealvm_vm
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +86,22 @@ def upstream_qemu() -> Path:
         pytest.skip(reason="no upstream QEMU: run `make test` (sets SEALVM_QEMU_UPSTREAM) "
                     "or `make qemu-upstream`")
     return Path(path)
+
+
+# ------------------------------------------------------------ figures
+
+_figures: dict[str, list[str]] = {}
+
+
+@pytest.fixture
+def figures() -> Callable[[str, str], None]:
+    """``figures(section, line)``: a line printed in the session's summary
+    (what a scenario measured; tests assert behaviour, not these)."""
+
+    def add(section: str, line: str) -> None:
+        _figures.setdefault(section, []).append(line)
+
+    return add
 
 
 # ------------------------------------------------------------ strict skips
@@ -155,6 +160,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
     """Last, after pytest's own summaries: every skip and the allow-list."""
     yield
     tr = terminalreporter
+    for section, lines in _figures.items():
+        tr.section(section)
+        for line in lines:
+            tr.write_line(line)
     if not STRICT_SKIPS:
         return
     tr.section("skips (SEALVM_STRICT_SKIPS=1)")

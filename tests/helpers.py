@@ -12,7 +12,14 @@ from sealvm.console import ConsoleLog
 
 def qemus_mentioning(text: str) -> list[int]:
     """Pids of QEMU processes whose command line contains *text*."""
+    return processes_mentioning(text, b"qemu-system")
+
+
+def processes_mentioning(text: str, also: bytes = b"") -> list[int]:
+    """Pids of processes whose command line contains *text* (and *also*):
+    QEMUs, script endpoints, keepers of a VM in a run root."""
     found = []
+    me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -21,7 +28,7 @@ def qemus_mentioning(text: str) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if b"qemu-system" in cmd and text.encode() in cmd:
+        if also in cmd and text.encode() in cmd and int(entry) != me:
             found.append(int(entry))
     return found
 

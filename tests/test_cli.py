@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import netns
 
 from sealvm import procfs
 
@@ -101,6 +104,51 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     assert down["status"] == "down"
     assert not procfs.pid_alive(tr["pid_after"])
     assert cli.json("status", "clivm", rc=7)["error"] == "StateError"
+
+
+def test_down_after_qemu_died(cli: Cli, spec_file: Path, run_root: Path) -> None:
+    """QEMU killed behind sealvm's back (a crash, the OOM killer): `down`
+    still works and leaves nothing (run files, the script endpoint)."""
+    up = cli.json("up", str(spec_file))
+    endpoint = cli.json("status", "clivm")["scripts"]["endpoint_pid"]
+    assert procfs.pid_alive(endpoint)
+    os.kill(up["pid"], signal.SIGKILL)
+    for _ in range(100):
+        if not procfs.pid_alive(up["pid"]):
+            break
+        time.sleep(0.05)
+    down = cli.json("down", "clivm")
+    assert down["already_exited"] and down["pid"] == up["pid"]
+    assert not procfs.pid_alive(endpoint)
+    assert not (run_root / "clivm" / "state.json").exists()
+    assert not [p for p in (run_root / "clivm").iterdir() if p.is_socket()]
+    assert cli.json("status", "clivm", rc=7)["error"] == "StateError"
+
+
+def test_nic_and_disk_through_the_cli(cli: Cli, tmp_path: Path, qemu_binary: Path,
+                                      guest_image: Path) -> None:
+    """`status` shows the VM's NICs and disks; `down` removes the tap and the
+    namespace sealvm created."""
+    ns = f"sealvm-clit-{os.getpid()}"
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    spec = tmp_path / "nd.toml"
+    spec.write_text(f'name = "ndvm"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
+                    f'[guest]\nkernel = "{guest_image}"\n'
+                    f'[[net]]\nnetns = "{ns}"\naddress = "192.0.2.1/24"\n'
+                    f'[[disk]]\npath = "{disk}"\n')
+    cli.json("up", str(spec))
+    try:
+        st = cli.json("status", "ndvm")
+        assert [n["netns"] for n in st["net"]] == [ns] and st["net"][0]["tap"]
+        assert [d["path"] for d in st["disks"]] == [str(disk)]
+        text = cli.run("status", "ndvm").stdout
+        assert f"namespace {ns}" in text and f"{disk} (raw" in text
+        assert ns in netns.listnetns()
+        assert cli.json("update", "ndvm", "--mode", "transfer")["ram_inode_unchanged"]
+    finally:
+        cli.run("down", "ndvm")
+    assert ns not in netns.listnetns(), "down left the namespace it created"
 
 
 def test_spec_errors_name_the_field(cli: Cli, tmp_path: Path) -> None:

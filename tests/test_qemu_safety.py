@@ -20,37 +20,32 @@ from sealvm import Machine, PreflightError, QMPReplyError, live_update, procfs
 from sealvm.console import ConsoleFollower
 from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
 from sealvm.plan import incoming_argv
+from sealvm.pytest_plugin import GuestChecker, VmLauncher
 from sealvm.spec import VmSpec
 
 EXPECTED = procfs.RAM_SEALS | procfs.F_SEAL_EXEC
 
 
 async def test_qemu_refuses_cpr_exec_of_anonymous_ram(
-    make_spec: Callable[..., VmSpec], run_root: Path
+    sealvm_launch: VmLauncher, sealvm_check_guest: GuestChecker
 ) -> None:
     """Without sealvm's preflight in the way: QEMU itself reports the
     blocker and fails `migrate` before the guest is paused."""
-    vm = Machine(make_spec(backend="ram"), run_root=run_root)
-    await vm.launch()
-    try:
-        async with ConsoleFollower(vm.paths.serial) as con:
-            await con.wait_full_pass()
-            await vm.execute("migrate-set-parameters",
-                             {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(vm.argv)})
-            info = await vm.execute("query-migrate")
-            reasons = " ".join(info.get("blocked-reasons", []))
-            assert "ram0" in reasons, info
-            events = vm.events(["STOP"])
-            with pytest.raises(QMPReplyError, match="is not compatible with CPR"):
-                await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
-            with pytest.raises(TimeoutError):  # the guest was never paused
-                await asyncio.wait_for(anext(events), 1.0)
-            await events.aclose()
-            assert await vm.status() == "running"
-            await con.wait_full_pass()
-            assert_guest_intact(con.log)
-    finally:
-        await vm.shutdown()
+    vm = await sealvm_launch(backend="ram")
+    await sealvm_check_guest(vm)
+    await vm.execute("migrate-set-parameters",
+                     {"mode": "cpr-exec", "cpr-exec-command": incoming_argv(vm.argv)})
+    info = await vm.execute("query-migrate")
+    reasons = " ".join(info.get("blocked-reasons", []))
+    assert "ram0" in reasons, info
+    events = vm.events(["STOP"])
+    with pytest.raises(QMPReplyError, match="is not compatible with CPR"):
+        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+    with pytest.raises(TimeoutError):  # the guest was never paused
+        await asyncio.wait_for(anext(events), 1.0)
+    await events.aclose()
+    assert await vm.status() == "running"
+    await sealvm_check_guest(vm)
 
 
 async def test_every_ram_memfd_is_sealed_and_noexec(vm: Machine) -> None:
@@ -134,19 +129,15 @@ async def test_qemu_runs_with_memfd_noexec_2(
 
 
 async def test_update_from_stock_qemu_is_refused(
-    make_spec: Callable[..., VmSpec], run_root: Path, upstream_qemu: Path, qemu_binary: Path
+    sealvm_launch: VmLauncher, upstream_qemu: Path, qemu_binary: Path
 ) -> None:
     """Stock QEMU leaves aux RAM memfds unsealed; a sealvm QEMU would refuse
     to inherit them after exec, with the guest already gone: preflight says
     so first."""
-    vm = Machine(make_spec(qemu=str(upstream_qemu)), run_root=run_root)
-    await vm.launch()
-    try:
-        with pytest.raises(PreflightError, match=r"ram-seals: .*pc\.bios \(SEAL\)"):
-            await live_update(vm, qemu=qemu_binary)
-        assert await vm.status() == "running"
-    finally:
-        await vm.shutdown()
+    vm = await sealvm_launch(qemu=str(upstream_qemu))
+    with pytest.raises(PreflightError, match=r"ram-seals: .*pc\.bios \(SEAL\)"):
+        await live_update(vm, qemu=qemu_binary)
+    assert await vm.status() == "running"
 
 
 async def test_stock_qemu_loses_anonymous_ram_in_cpr_exec(
@@ -216,19 +207,13 @@ async def test_inventory_matches_proc(vm: Machine) -> None:
     assert {b.fd for b in inv.ram_blocks} == {m.fd for m in procfs.memfds(vm.pid)}
 
 
-async def test_inventory_names_the_block_cpr_cannot_keep(
-    make_spec: Callable[..., VmSpec], run_root: Path
-) -> None:
-    vm = Machine(make_spec(backend="ram"), run_root=run_root)
-    await vm.launch()
-    try:
-        inv = await query_inventory(vm)
-        assert inv is not None
-        ram0 = {b.name: b for b in inv.ram_blocks}["ram0"]
-        assert not ram0.cpr_compatible and not ram0.fd_backed
-        assert ram0.cpr_blocker and "ram0" in ram0.cpr_blocker
-    finally:
-        await vm.shutdown()
+async def test_inventory_names_the_block_cpr_cannot_keep(sealvm_launch: VmLauncher) -> None:
+    vm = await sealvm_launch(backend="ram")
+    inv = await query_inventory(vm)
+    assert inv is not None
+    ram0 = {b.name: b for b in inv.ram_blocks}["ram0"]
+    assert not ram0.cpr_compatible and not ram0.fd_backed
+    assert ram0.cpr_blocker and "ram0" in ram0.cpr_blocker
 
 
 def test_malformed_inventory_is_a_typed_error() -> None:

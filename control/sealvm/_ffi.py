@@ -1,6 +1,6 @@
 """
 cffi bindings to the few Linux system calls the standard library lacks
-(inotify), and the struct-layout check the ioctl bindings share.
+(inotify, pidfd_getfd), and the struct-layout check the ioctl bindings share.
 
 ABI mode against the C library already loaded into the process: no compiler
 is needed at install time.  What the standard library has is used from it:
@@ -19,6 +19,7 @@ ffi.cdef(
     """
     int inotify_init1(int flags);
     int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
+    long syscall(long number, ...);
     """
 )
 _libc = ffi.dlopen(None)
@@ -46,6 +47,32 @@ def inotify_init1(flags: int) -> int:
 def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask))
 
+
+#: asm-generic/unistd.h, the same number on every architecture
+SYS_PIDFD_GETFD = 438
+
+
+def pidfd_getfd_raw(pidfd: int, targetfd: int) -> tuple[int, int]:
+    """pidfd_getfd(2): (a duplicate of *targetfd*, 0) or (-1, errno)."""
+    ret = _libc.syscall(ffi.cast("long", SYS_PIDFD_GETFD), ffi.cast("int", pidfd),
+                        ffi.cast("int", targetfd), ffi.cast("unsigned int", 0))
+    return (int(ret), 0) if ret >= 0 else (-1, int(ffi.errno))
+
+
+def pidfd_getfd(pid: int, targetfd: int) -> int:
+    """A duplicate (O_CLOEXEC) of fd *targetfd* of process *pid*: the same
+    open file (ptrace access to *pid* needed: same user or root).
+
+    :raise OSError: carrying errno.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd, err = pidfd_getfd_raw(pidfd, targetfd)
+    finally:
+        os.close(pidfd)
+    if err:
+        raise OSError(err, f"pidfd_getfd({pid}, {targetfd}): {os.strerror(err)}")
+    return fd
 
 
 def check_layouts(lib_ffi: FFI, sizes: dict[str, int], module: str) -> None:

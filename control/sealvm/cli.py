@@ -17,13 +17,18 @@ sealvm: the command line for VM operators and scripts.
     pause VM / resume VM         stop / continue the guest's vCPUs
     down VM [--timeout S]        quit QEMU (then SIGTERM, SIGKILL)
     qmp VM COMMAND [JSON-ARGS]   run any QMP command, print its result as JSON
+                                 (on sealvm's own monitor; scripts connect to
+                                 the VM's endpoint instead: see `status VM`)
+    endpoint VM                  (re)start the VM's QMP endpoint for scripts
+                                 if it is down (QEMU reconnects to it)
     host-check [--require NAME,...]
                                  what this host can do (memfd seals, noexec,
                                  iommufd, type1 VADDR); exit 10 if a probe
                                  named in --require fails
 
 Every verb takes --json: one JSON object on stdout (errors too).  Verbs that
-change a VM (up, update, recover, pause, resume, down, qmp) hold its lock;
+change a VM (up, update, recover, pause, resume, down, qmp, endpoint) hold
+its lock;
 a second one fails at once (exit 7, naming the holder) unless --wait.
 
 Exit codes:
@@ -54,7 +59,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import procfs
+from . import endpoint, procfs
 from .errors import (
     HostError,
     LaunchError,
@@ -67,11 +72,18 @@ from .errors import (
 )
 from .host import PROBES, host_check
 from .lock import VmLock
-from .machine import Machine, VmState, list_vms
+from .machine import (
+    Machine,
+    VmState,
+    cleanup_run_files,
+    list_vms,
+    read_state,
+    release_host_resources,
+)
 from .plan import RunPaths
 from .preflight import run_preflight
 from .runroot import default_run_root
-from .spec import load_spec
+from .spec import load_spec, spec_from_dict
 from .update import RecoverReport, abandon, live_update, plan_recovery, recover
 
 #: exit code of each `recover` outcome
@@ -122,7 +134,13 @@ async def _vm_info(vm: Machine) -> dict[str, Any]:
         "qemu": procfs.exe_of(vm.pid),
         "generation": vm.state.generation,
         "qmp": str(vm.paths.qmp),
+        "scripts": None if vm.script_socket is None else {
+            "socket": str(vm.script_socket), "endpoint_pid": endpoint.pid_of(vm.paths)},
         "serial": str(vm.spec.serial_log or vm.paths.serial),
+        "net": [{"id": n.id, "mac": n.mac, "tap": n.tap, "netns": n.netns, "bridge": n.bridge,
+                 "vhost": n.vhost} for n in vm.spec.net],
+        "disks": [{"id": d.id, "path": str(d.path), "format": d.format, "cache": d.cache,
+                   "readonly": d.readonly} for d in vm.spec.disk],
         "memfds": [asdict(m) | {"seal_names": m.seal_names} for m in procfs.memfds(vm.pid)],
     }
 
@@ -130,8 +148,20 @@ async def _vm_info(vm: Machine) -> dict[str, Any]:
 def _info_text(info: dict[str, Any]) -> str:
     lines = [f"{info['name']}: {info['status']}, pid {info['pid']}, "
              f"{info['generation']} live update(s)",
-             f"  qemu   {info['qemu']}", f"  qmp    {info['qmp']}",
-             f"  serial {info['serial']}"]
+             f"  qemu    {info['qemu']}", f"  qmp     {info['qmp']} (sealvm's own)"]
+    sc = info["scripts"]
+    lines.append("  scripts off ([scripts] enabled = false)" if sc is None else
+                 f"  scripts {sc['socket']} (QMP for scripts; " +
+                 (f"endpoint pid {sc['endpoint_pid']})" if sc["endpoint_pid"] else
+                  "endpoint DOWN: restart the VM to get it back)"))
+    lines.append(f"  serial  {info['serial']}")
+    for n in info["net"]:
+        where = f"namespace {n['netns']}" if n["netns"] else "host namespace"
+        lines.append(f"  nic     {n['id']}: tap {n['tap']} ({where}"
+                     + (f", bridge {n['bridge']}" if n["bridge"] else "") + f"), mac {n['mac']}")
+    for d in info["disks"]:
+        lines.append(f"  disk    {d['id']}: {d['path']} ({d['format']}, cache {d['cache']}"
+                     + (", read-only" if d["readonly"] else "") + ")")
     for m in info["memfds"]:
         lines.append(f"  memfd fd {m['fd']:<3} {m['name']:<28} inode {m['inode']:<8} "
                      f"{m['size'] >> 10:>9} KiB  seals {'|'.join(m['seal_names']) or '-'}"
@@ -237,6 +267,28 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+async def cmd_endpoint(args: argparse.Namespace, out: Output) -> int:
+    """Start the script endpoint of a running VM whose endpoint died."""
+    async with _locked(args, out, "endpoint"):
+        paths = _paths(args)
+        state = read_state(paths)
+        if state is None or not state.alive():
+            raise StateError(f"no running VM named {args.vm!r}")
+        spec = spec_from_dict(state.spec)
+        if not spec.scripts.enabled:
+            raise StateError(f"VM {args.vm}: its spec turns the script endpoint off "
+                             "([scripts] enabled = false)")
+        pid = endpoint.pid_of(paths)
+        started = pid is None
+        if started:
+            pid = endpoint.start(paths, args.vm, spec.scripts)
+    out.result({"name": args.vm, "socket": str(paths.scripts), "endpoint_pid": pid,
+                "started": started},
+               f"{args.vm}: script endpoint {'started' if started else 'already running'}, "
+               f"pid {pid}, {paths.scripts}")
+    return 0
+
+
 async def cmd_update(args: argparse.Namespace, out: Output) -> int:
     mode = "migrate" if args.mode == "migrate" else f"cpr-{args.mode}"
     async with _attached(args, out, "update") as vm:
@@ -312,6 +364,17 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
                 out.result({"name": args.vm, "status": "down", "killed": []},
                            f"{args.vm}: down (the interrupted update had lost the guest)")
                 return 0
+        paths = _paths(args)
+        state = read_state(paths)
+        if state is not None and not state.alive():
+            # QEMU died (crash, OOM kill): clean up what it left
+            removed = release_host_resources(state)
+            cleanup_run_files(paths)
+            out.result({"name": args.vm, "pid": state.pid, "status": "down", "exitcode": None,
+                        "already_exited": True, "removed": removed},
+                       f"{args.vm}: down (QEMU pid {state.pid} had already exited; removed its "
+                       f"run files{''.join(', ' + r for r in removed)})")
+            return 0
         vm = await Machine.attach(args.vm, run_root=args.run_dir, lock=lock)
         pid = vm.pid
         await vm.shutdown(timeout=args.timeout)
@@ -370,6 +433,7 @@ COMMANDS = {
     "resume": lambda a, o: _simple(a, o, "resume"),
     "down": cmd_down,
     "qmp": cmd_qmp,
+    "endpoint": cmd_endpoint,
     "host-check": cmd_host_check,
 }
 
@@ -425,6 +489,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("command")
     q.add_argument("arguments", nargs="?", metavar="JSON-ARGS", type=_json_args,
                    help="the command's arguments, a JSON object")
+    ep = sub.add_parser("endpoint", parents=[common],
+                        help="(re)start the VM's QMP endpoint for scripts")
+    ep.add_argument("vm")
     rc = sub.add_parser("recover", parents=[common],
                         help="finish or roll back an interrupted update")
     rc.add_argument("vm")

@@ -17,6 +17,7 @@ heartbeats, minus the interval, is the pause the guest went through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -34,18 +35,23 @@ _KV = re.compile(r"(\w+)=(\S+)")
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """One ``HB`` line: sequence number, guest time, its other fields."""
+
     seq: int
     guest_ms: int
     values: dict[str, str]
     host_time: float = 0.0  # time.monotonic() when the line arrived
 
     def int(self, key: str, default: int = 0) -> int:
+        """Field *key* as an integer (decimal or 0x), *default* if absent."""
         value = self.values.get(key)
         return default if value is None else int(value, 0)
 
 
 @dataclass(frozen=True)
 class Mismatch:
+    """One ``MISMATCH`` line: words of guest RAM found changed at *addr*."""
+
     gen: int
     addr: int
     words: int
@@ -55,6 +61,8 @@ class Mismatch:
 
 @dataclass(frozen=True)
 class Pass:
+    """One ``PASS`` line: the guest verified all of its RAM (generation *gen*)."""
+
     gen: int
     mismatches: int
     ms: int
@@ -106,10 +114,16 @@ class ConsoleLog:
     banners: int = 0
     #: banners after a heartbeat: the guest started over
     reboots: int = 0
+    #: the key=value fields of the first banner (``ram``, ``hb_ms``,
+    #: ``pattern``, ...); None until one was seen
+    banner: dict[str, str] | None = None
 
     def add(self, line: str, host_time: float = 0.0) -> Event | None:
+        """Parse one line into the log; the event it was, if any."""
         if line.startswith("SEALVM-GUEST "):
             self.banners += 1
+            if self.banner is None:
+                self.banner = dict(_KV.findall(line.split('cmdline="', 1)[0]))
             if self.heartbeats:
                 self.reboots += 1
         ev = parse_line(line, host_time)
@@ -123,6 +137,7 @@ class ConsoleLog:
 
     @property
     def mismatched_words(self) -> int:
+        """Words reported by the MISMATCH lines in the log."""
         return sum(m.words for m in self.mismatches)
 
     def mismatch_counter(self) -> int | None:
@@ -208,6 +223,7 @@ class ConsoleFollower:
         self.close()
 
     def close(self) -> None:
+        """Stop following (idempotent; `__aexit__` calls it)."""
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join()
@@ -275,3 +291,120 @@ class ConsoleFollower:
         with self._lock:
             target = len(self.log.heartbeats) + count
         await self.wait_for(lambda log: len(log.heartbeats) >= target, timeout)
+
+
+def _interval(banner: dict[str, str] | None) -> float | None:
+    value = (banner or {}).get("hb_ms", "")
+    return int(value) / 1000 if value.isdigit() and int(value) > 0 else None
+
+
+def heartbeat_interval(path: Path) -> float | None:
+    """The heartbeat interval (seconds) the test guest announced in its
+    banner on the console log *path*; None when the log has no banner (not
+    sealvm's test guest, or a guest that does not print its format)."""
+    try:
+        return _interval(read_console(path).banner)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class GuestCheck:
+    """What `check_guest_console` found; the guest is intact when
+    `problems` is empty (`ok`)."""
+
+    #: heartbeats in the whole log, first and last sequence numbers
+    heartbeats: int
+    first_seq: int | None
+    last_seq: int | None
+    #: the pattern pass that began after the check started and completed
+    #: (None when none did)
+    verified_pass: Pass | None
+    #: words named by MISMATCH lines; the guest's own counter (``mism=``)
+    mismatched_words: int
+    mismatch_counter: int | None
+    reboots: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+async def check_guest_console(path: Path, *, timeout: float = 120.0) -> GuestCheck:
+    """Check the test guest through its console log *path*, in one call.
+
+    Waits (up to *timeout* seconds, without polling) for heartbeats and for
+    a complete pattern pass that *began after this call*, so every word of
+    guest RAM written before the call has been verified since; then reads
+    the whole log from boot: no reboot, the heartbeat counter never reset
+    or skipped, no MISMATCH line, zero mismatches in that pass and in the
+    guest's own counter.  Works with sealvm's test guest (images/guest) or
+    any guest printing the same console format (banner, HB, PASS, MISMATCH);
+    a log without that banner, or with the pattern off, is a problem, not a
+    pass.  The guest must be running: a paused guest times out.
+
+    :return: the findings; nothing is raised for a damaged guest (look at
+        `GuestCheck.problems`).
+    :raise FileNotFoundError: when *path* does not exist.
+    """
+    problems: list[str] = []
+    passed: Pass | None = None
+    async with ConsoleFollower(path) as con:  # from the end, before reading
+        banner = read_console(path).banner
+        if banner is None:  # just booted: wait for it
+            with contextlib.suppress(TimeoutError):
+                await con.wait_for(lambda log: log.banner is not None, timeout)
+            banner = con.log.banner
+        if banner is None:
+            problems.append(f"{path}: no SEALVM-GUEST banner within {timeout:.0f} s: not "
+                            "sealvm's test guest (or a guest printing its console format)")
+        elif banner.get("pattern") != "on":
+            problems.append(f"the guest's memory pattern is {banner.get('pattern')!r}, not "
+                            "on: its RAM is not verified")
+        else:
+            try:
+                await con.wait_heartbeats(2, timeout)
+            except TimeoutError:
+                problems.append(f"no heartbeat within {timeout:.0f} s "
+                                "(is the guest paused, hung or dead?)")
+            else:
+                with con._lock:
+                    gen = con.log.heartbeats[-1].int("gen")
+                try:
+                    await con.wait_for(lambda log: any(p.gen > gen for p in log.passes),
+                                       timeout)
+                    passed = next(p for p in con.log.passes if p.gen > gen)
+                except TimeoutError:
+                    problems.append(f"no complete pattern pass within {timeout:.0f} s")
+    log = read_console(path)
+    if log.reboots:
+        problems.append(f"the guest rebooted ({log.reboots} time(s))")
+    if not log.heartbeats:
+        problems.append("no heartbeat in the log")
+    elif not log.counter_continuous():
+        seqs = [hb.seq for hb in log.heartbeats]
+        at = next(i for i, (a, b) in enumerate(zip(seqs, seqs[1:], strict=False), 1)
+                  if b != a + 1)
+        problems.append(f"heartbeat counter reset or skipped: {seqs[at - 1]} -> {seqs[at]}")
+    if log.mismatches:
+        first = log.mismatches[0]
+        problems.append(f"{log.mismatched_words} mismatching word(s) of guest RAM, first at "
+                        f"{first.addr:#x}: expected {first.expected:#x}, got {first.got:#x}")
+    if passed is not None and passed.mismatches:
+        problems.append(f"the verified pass (gen {passed.gen}) found {passed.mismatches} "
+                        "mismatch(es)")
+    counter = log.mismatch_counter()
+    if counter:
+        problems.append(f"the guest counted {counter} mismatching word(s)")
+    return GuestCheck(
+        heartbeats=len(log.heartbeats),
+        first_seq=log.heartbeats[0].seq if log.heartbeats else None,
+        last_seq=log.heartbeats[-1].seq if log.heartbeats else None,
+        verified_pass=passed,
+        mismatched_words=log.mismatched_words,
+        mismatch_counter=counter,
+        reboots=log.reboots,
+        problems=tuple(problems),
+    )

@@ -11,7 +11,9 @@ another controller process `Machine.attach` to a VM launched elsewhere (for
 example ``sealvm status`` after ``sealvm up`` returned).
 
 sealvm creates the QMP listening socket itself and passes it to QEMU as an
-fd, together with the VFIO fds it opened (/dev/iommu, vfio cdevs).  QEMU
+fd, together with the VFIO fds it opened (/dev/iommu, vfio cdevs) and the
+taps it created and attached to (`sealvm.net`; removed again when QEMU is
+gone, with the namespaces sealvm created).  QEMU
 runs in its own session so it outlives the controller that started it.
 Teardown is idempotent: ``quit`` -> SIGTERM -> SIGKILL.
 """
@@ -34,10 +36,11 @@ from typing import Any
 from qemu.qmp import ExecInterruptedError, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from . import procfs
+from . import endpoint, net, procfs
 from .errors import InterruptedUpdateError, LaunchError, QMPReplyError, StateError
 from .host import open_vfio_fds
 from .lock import VmLock
+from .net import NetRecord
 from .plan import FdPlan, RunPaths, qemu_argv
 from .process import QemuProcess
 from .runroot import check_run_root, default_run_root
@@ -73,17 +76,20 @@ class VmState:
     generation: int = 0  # live updates completed
     updates: list[dict[str, Any]] = field(default_factory=list)
     version: int = STATE_VERSION
+    #: what sealvm created for the NICs (`net.NetRecord`), removed at the end
+    net: list[dict[str, Any]] = field(default_factory=list)
+    #: each disk's image as QEMU opened it at launch: id -> [st_dev, st_ino]
+    disks: dict[str, list[int]] = field(default_factory=dict)
 
     def alive(self) -> bool:
         """True while the QEMU process this state names runs (pid + start time)."""
         return procfs.same_process(self.pid, self.start_time)
 
     def fd_plan(self) -> FdPlan:
-        return FdPlan(
-            qmp_listen=int(self.fds["qmp_listen"]),
-            iommufd=self.fds.get("iommufd"),
-            vfio={str(k): int(v) for k, v in self.fds.get("vfio", {}).items()},
-        )
+        return FdPlan.from_state(self.fds)
+
+    def net_records(self) -> list[NetRecord]:
+        return [NetRecord.from_dict(r) for r in self.net]
 
 
 def listen_unix(path: Path) -> socket.socket:
@@ -128,55 +134,89 @@ class Machine:
 
     @property
     def pid(self) -> int | None:
+        """The QEMU process's pid (changes with cpr-transfer), None before
+        launch or attach."""
         return self.state.pid if self.state else None
 
     @property
     def argv(self) -> list[str]:
+        """The command line QEMU runs with.
+
+        :raise StateError: before launch or attach.
+        """
         if self.state is None:
             raise StateError(f"VM {self.name}: not launched (call launch() or attach() first)")
         return list(self.state.argv)
 
     @property
     def qmp(self) -> QMPClient:
+        """The connected qemu.qmp client (prefer `execute`; it is replaced
+        at every live update).
+
+        :raise StateError: when not connected.
+        """
         if self._qmp is None:
             raise StateError(f"VM {self.name}: not connected (call launch() or attach() first)")
         return self._qmp
 
     @property
+    def script_socket(self) -> Path | None:
+        """Where scripts connect to this VM's QMP endpoint (`sealvm.endpoint`),
+        or None when the spec turned it off."""
+        return self.paths.scripts if self.spec.scripts.enabled else None
+
+    @property
     def exitcode(self) -> int | None:
+        """QEMU's exit status once it exited (negative: killed by a signal)."""
         return self.process.exitcode if self.process else None
 
     def alive(self) -> bool:
+        """True while this object's QEMU process runs."""
         return self.process is not None and self.process.alive()
 
     # -------------------------------------------------------------- launching
 
     def spawn(self, spec: VmSpec, qmp_path: Path, *, extra: list[str] | None = None,
               extra_fds: list[int] | None = None, fds: FdPlan | None = None,
-              marker: str | None = None) -> tuple[QemuProcess, list[str], FdPlan]:
+              marker: str | None = None,
+              nets: list[net.NetRecord] | None = None) -> tuple[QemuProcess, list[str], FdPlan]:
         """Start a QEMU for *spec* with its QMP socket at *qmp_path*.
 
         Without *fds*, the VFIO fds are opened here (first launch); with
         *fds*, their numbers are only named on the command line (a cpr
-        successor receives the fds themselves through CPR state).  *extra*
-        is appended to the command line, *extra_fds* passed as they are.
+        successor receives the fds themselves through CPR state).  Taps:
+        while a QEMU of this VM runs, its tap fds are duplicated
+        (`net.take_taps`: the same tap, handed over); otherwise sealvm
+        attaches to the taps *nets* names.  *extra* is appended to the
+        command line, *extra_fds* passed as they are.
 
-        :raise HostError: when a VFIO fd cannot be opened.
+        :raise HostError: when a VFIO fd or a tap cannot be opened.
         :raise LaunchError: when QEMU cannot be executed.
         """
         listener = listen_unix(qmp_path)
-        vfio = open_vfio_fds(spec.vfio) if fds is None else None
+        vfio = None
+        taps: dict[str, int] = {}
+        vhost: dict[str, int] = {}
         try:
+            vfio = open_vfio_fds(spec.vfio) if fds is None else None
+            if self.state is not None and self.state.alive():
+                taps = net.take_taps(self.state.pid, self.state.fd_plan().taps)
+            else:
+                taps = net.open_taps(nets or [])
+                vhost = net.open_vhost(spec.net)
             if vfio is not None:
                 plan = FdPlan(qmp_listen=listener.fileno(), iommufd=vfio.iommufd,
-                              vfio=dict(vfio.devices))
+                              vfio=dict(vfio.devices), taps=taps, vhost=vhost)
             else:
                 assert fds is not None
                 plan = FdPlan(qmp_listen=listener.fileno(), iommufd=fds.iommufd,
-                              vfio=dict(fds.vfio))
+                              vfio=dict(fds.vfio), taps=taps, vhost=vhost)
             argv = qemu_argv(spec, self.paths, plan, marker=marker) + (extra or [])
-            pass_fds = [listener.fileno(), *(extra_fds or [])] + (
-                [] if vfio is None else [f for f in plan.all() if f != plan.qmp_listen])
+            pass_fds = [listener.fileno(), *(extra_fds or []), *taps.values(),
+                        *vhost.values()]
+            if vfio is not None:  # opened here; a successor gets them through CPR state
+                pass_fds += [*plan.vfio.values(), *([] if plan.iommufd is None
+                                                    else [plan.iommufd])]
             self.logger.info("starting: %s", " ".join(argv))
             try:
                 proc = QemuProcess.spawn(argv, pass_fds=pass_fds, log_path=self.paths.qemu_log,
@@ -189,6 +229,8 @@ class Machine:
             listener.close()  # QEMU holds its own copy
             if vfio is not None:
                 vfio.close()
+            net.close_fds(taps)
+            net.close_fds(vhost)
         return proc, argv, plan
 
     async def launch(self, *, timeout: float = 30.0) -> None:
@@ -209,19 +251,26 @@ class Machine:
 
     async def _launch(self, timeout: float) -> None:
         self._prepare_run_dir()
+        nets: list[net.NetRecord] = []
         try:
-            self.process, argv, plan = self.spawn(self.spec, self.paths.qmp)
+            nets = net.setup(self.spec)
+            if self.spec.scripts.enabled:
+                endpoint.start(self.paths, self.name, self.spec.scripts)
+            self.process, argv, plan = self.spawn(self.spec, self.paths.qmp, nets=nets)
         except BaseException:
+            net.teardown(nets)
             self._cleanup_run_dir()
             raise
         self.state = VmState(
             name=self.name,
             pid=self.process.pid,
             argv=argv,
-            fds={"qmp_listen": plan.qmp_listen, "iommufd": plan.iommufd, "vfio": plan.vfio},
+            fds=plan.to_state(),
             spec=self.spec.to_dict(),
             started=time.time(),
             start_time=procfs.start_time(self.process.pid) or 0,
+            net=[r.to_dict() for r in nets],
+            disks={d.id: _file_id(d.path) for d in self.spec.disk},
         )
         try:
             await self.connect(timeout=timeout)
@@ -253,6 +302,8 @@ class Machine:
                     f"attach to it or run `sealvm down {self.name}`"
                 ) from None
             self._cleanup_run_dir()
+            if old is not None:  # its QEMU died: what sealvm created for it goes too
+                release_host_resources(old)
         os.chmod(root, 0o700)
 
     def save_state(self) -> None:
@@ -306,6 +357,7 @@ class Machine:
     # ------------------------------------------------------------------- QMP
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last *lines* lines of QEMU's log (its stderr), or ""."""
         try:
             text = self.paths.qemu_log.read_text(errors="replace")
         except FileNotFoundError:
@@ -373,8 +425,7 @@ class Machine:
         self.state.pid = process.pid
         self.state.start_time = procfs.start_time(process.pid) or 0
         self.state.argv = argv
-        self.state.fds = {"qmp_listen": fds.qmp_listen, "iommufd": fds.iommufd,
-                          "vfio": fds.vfio}
+        self.state.fds = fds.to_state()
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run a QMP command and return its result.
@@ -418,12 +469,15 @@ class Machine:
         return str(reply["status"])
 
     async def pause(self) -> None:
+        """Pause the guest (QMP ``stop``)."""
         await self.execute("stop")
 
     async def resume(self) -> None:
+        """Resume the guest (QMP ``cont``)."""
         await self.execute("cont")
 
     async def reset(self) -> None:
+        """Reset the guest (QMP ``system_reset``): it boots again."""
         await self.execute("system_reset")
 
     async def powerdown(self, *, timeout: float = 10.0) -> bool:
@@ -433,6 +487,7 @@ class Machine:
         return await self.process.wait_exit(timeout)
 
     async def wait_exit(self, timeout: float | None = None) -> bool:
+        """Wait until QEMU exited; False if it still runs after *timeout*."""
         return True if self.process is None else await self.process.wait_exit(timeout)
 
     async def detach(self) -> None:
@@ -472,14 +527,32 @@ class Machine:
             self.process.close()
             if not self.process.alive():
                 self._cleanup_run_dir()
+                if self.state is not None:
+                    release_host_resources(self.state)
         self.runstate = Runstate.STOPPED
 
     def _cleanup_run_dir(self) -> None:
         cleanup_run_files(self.paths)
 
 
+def release_host_resources(state: VmState) -> list[str]:
+    """Remove what sealvm created on the host for a VM whose QEMU is gone
+    (taps, namespaces); returns what was removed."""
+    removed = net.teardown(state.net_records())
+    for what in removed:
+        log.info("%s: removed %s", state.name, what)
+    return removed
+
+
+def _file_id(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino]
+
+
 def cleanup_run_files(paths: RunPaths) -> None:
-    """Remove what only a live VM needs; logs stay for post-mortems."""
+    """Remove what only a live VM needs (and stop its script endpoint);
+    logs stay for post-mortems."""
+    endpoint.stop(paths)
     for p in (paths.qmp, paths.state, paths.cpr_state, paths.cpr_sock, paths.main_sock,
               paths.keeper_sock, paths.state.with_suffix(".tmp"),
               *paths.root.glob("qmp-next-*.sock")):

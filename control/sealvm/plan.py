@@ -7,7 +7,15 @@ passes the fds; QEMU only refers to them by number:
 - the QMP listening socket (``-chardev socket,fd=N,server=on``): created by
   sealvm, mode 0600, inherited across cpr-exec, so the controller can connect
   to the new QEMU the moment it listens, without polling for the path;
-- VFIO: /dev/iommu and the vfio cdevs (iommufd backend), opened by sealvm.
+- VFIO: /dev/iommu and the vfio cdevs (iommufd backend), opened by sealvm;
+- NICs: the tap of each ``[[net]]`` (`sealvm.net`), attached by sealvm
+  (``-netdev tap,fd=N``), and /dev/vhost-net for ``vhost = true``.
+
+Disks (``[[disk]]``) are opened by QEMU itself, by path (``-blockdev``
+in JSON: no escaping), with image locking on: QEMU takes the image's
+locks, and a migration (cpr-exec, cpr-transfer, classic) inactivates the
+disks of the old QEMU, releasing its write locks, before the new QEMU
+activates them.
 
 No command line ever goes through a shell, including cpr-exec-command.
 Pure functions: nothing here starts a process or opens a file.
@@ -21,10 +29,12 @@ whole arguments, taken literally: they are never escaped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .spec import VmSpec
+from .spec import DiskSpec, VmSpec
 
 #: Memory backend and machine ids, fixed so tools can find the RAM block.
 RAM_ID = "ram0"
@@ -85,6 +95,29 @@ class RunPaths:
         return self.root / "last-update.journal"
 
     @property
+    def scripts(self) -> Path:
+        """The QMP endpoint for scripts (`sealvm.endpoint`)."""
+        return self.root / "qmp-scripts.sock"
+
+    @property
+    def endpoint_qemu(self) -> Path:
+        """Where each QEMU of the VM connects to the script endpoint."""
+        return self.root / "endpoint-qemu.sock"
+
+    @property
+    def endpoint_ctl(self) -> Path:
+        """The controller's notifications to the script endpoint."""
+        return self.root / "endpoint.ctl"
+
+    @property
+    def endpoint_pid(self) -> Path:
+        return self.root / "endpoint.pid"
+
+    @property
+    def endpoint_log(self) -> Path:
+        return self.root / "endpoint.log"
+
+    @property
     def lock(self) -> Path:
         """The VM's lock file; beside the run directory, so that it can be
         taken before the directory exists and outlives its cleanup."""
@@ -98,12 +131,30 @@ class FdPlan:
     qmp_listen: int
     iommufd: int | None = None
     vfio: dict[str, int] = field(default_factory=dict)  # device id -> cdev fd
+    taps: dict[str, int] = field(default_factory=dict)  # NIC id -> tap fd
+    vhost: dict[str, int] = field(default_factory=dict)  # NIC id -> /dev/vhost-net fd
 
     def all(self) -> list[int]:
-        fds = [self.qmp_listen, *self.vfio.values()]
+        fds = [self.qmp_listen, *self.vfio.values(), *self.taps.values(),
+               *self.vhost.values()]
         if self.iommufd is not None:
             fds.append(self.iommufd)
         return sorted(fds)
+
+    def to_state(self) -> dict[str, Any]:
+        """As recorded in state.json and the journal (`from_state` reads it)."""
+        return {"qmp_listen": self.qmp_listen, "iommufd": self.iommufd, "vfio": self.vfio,
+                "taps": self.taps, "vhost": self.vhost}
+
+    @classmethod
+    def from_state(cls, fds: dict[str, Any]) -> FdPlan:
+        return cls(
+            qmp_listen=int(fds["qmp_listen"]),
+            iommufd=fds.get("iommufd"),
+            vfio={str(k): int(v) for k, v in fds.get("vfio", {}).items()},
+            taps={str(k): int(v) for k, v in fds.get("taps", {}).items()},
+            vhost={str(k): int(v) for k, v in fds.get("vhost", {}).items()},
+        )
 
 
 def opt_value(value: object) -> str:
@@ -148,6 +199,63 @@ def vfio_args(spec: VmSpec, fds: FdPlan) -> list[str]:
     return args
 
 
+#: how often a QEMU retries connecting to the script endpoint
+ENDPOINT_RECONNECT_MS = 100
+
+
+def scripts_args(spec: VmSpec, paths: RunPaths) -> list[str]:
+    """The monitor QEMU connects to the script endpoint with: a client
+    socket that retries in the background, so that QEMU never waits for
+    the endpoint, and reconnects after a cpr-exec."""
+    if not spec.scripts.enabled:
+        return []
+    return ["-chardev", f"socket,id=scripts,path={opt_value(paths.endpoint_qemu)},server=off,"
+            f"reconnect-ms={ENDPOINT_RECONNECT_MS}",
+            "-mon", "chardev=scripts,mode=control"]
+
+
+def net_args(spec: VmSpec, fds: FdPlan) -> list[str]:
+    """A virtio-net NIC per ``[[net]]``, on the tap fd sealvm passes.  No
+    option ROM (``romfile=``): the guests boot by ``-kernel``, and nothing
+    then lives in ROM RAM that a new QEMU would have to match."""
+    args: list[str] = []
+    for n in spec.net:
+        if n.id not in fds.taps:
+            raise ValueError(f"NIC {n.id} needs FdPlan.taps[{n.id!r}]")
+        netdev = f"tap,id={n.id},fd={fds.taps[n.id]}"
+        if n.vhost:
+            netdev += f",vhost=on,vhostfd={fds.vhost[n.id]}"
+        args += ["-netdev", netdev,
+                 "-device", f"virtio-net-pci,id={n.id},netdev={n.id},mac={n.mac},romfile="]
+    return args
+
+
+#: cache mode -> (O_DIRECT, ignore flushes, guest-visible write cache)
+CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
+    "none": (True, False, True),
+    "writeback": (False, False, True),
+    "writethrough": (False, False, False),
+    "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+
+
+def disk_args(disk: DiskSpec) -> list[str]:
+    """``-blockdev`` (file node ``<id>-file``, format node ``<id>``, image
+    locking on) and a virtio-blk device ``<id>``."""
+    direct, no_flush, write_cache = CACHE_MODES[disk.cache]
+    cache = {"direct": direct, "no-flush": no_flush}
+    file_node = {"driver": "file", "node-name": f"{disk.id}-file", "filename": str(disk.path),
+                 "cache": cache, "read-only": disk.readonly, "locking": "on"}
+    fmt_node = {"driver": disk.format, "node-name": disk.id, "file": f"{disk.id}-file",
+                "cache": cache, "read-only": disk.readonly}
+    device = (f"virtio-blk-pci,id={disk.id},drive={disk.id},"
+              f"write-cache={'on' if write_cache else 'off'}")
+    return ["-blockdev", json.dumps(file_node, separators=(",", ":")),
+            "-blockdev", json.dumps(fmt_node, separators=(",", ":")),
+            "-device", device]
+
+
 def name_arg(spec_name: str, marker: str | None = None) -> str:
     """``-name``'s value; *marker* names the process (``process=``) so that
     the QEMU of one update can be told apart from any other by its argv."""
@@ -179,13 +287,17 @@ def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan, *,
         argv += ["-L", str(fw)]
     argv += [
         "-kernel", str(spec.guest.kernel),
+        *(["-initrd", str(spec.guest.initrd)] if spec.guest.initrd is not None else []),
         "-append", spec.guest.cmdline,
         "-chardev", f"socket,id=qmp,fd={fds.qmp_listen},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        *scripts_args(spec, paths),
         "-chardev",
         f"file,id=serial0,path={opt_value(spec.serial_log or paths.serial)},append=on",
         "-serial", "chardev:serial0",
         *vfio_args(spec, fds),
+        *net_args(spec, fds),
+        *(a for d in spec.disk for a in disk_args(d)),
         *spec.extra_args,
     ]
     return argv

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import procfs, vfio
+from . import net, procfs, vfio
+from ._ffi import pidfd_getfd
 from .errors import HostError, PreflightError, QMPReplyError
 from .host import vfio_cdev
 from .inventory import COMMAND, query_inventory
@@ -168,6 +169,81 @@ def check_room(path: Path) -> Check:
         return Check("state-room", False,
                      f"{path.parent} has {usage.free >> 20} MiB free, need {STATE_ROOM >> 20}")
     return Check("state-room", True, f"{usage.free >> 20} MiB free in {path.parent}")
+
+
+def check_nics(vm: Machine) -> list[Check]:
+    """Each NIC's tap must be the fd sealvm passed (the new QEMU gets that
+    same fd: inherited, or duplicated from the old QEMU), without a vnet
+    header (`sealvm.net`); vhost-net cannot be handed over."""
+    assert vm.state is not None
+    taps = vm.state.fd_plan().taps
+    checks = []
+    for n in vm.spec.net:
+        name = f"net-{n.id}"
+        if n.vhost:
+            checks.append(Check(name, False, f"{n.id}: {net.VHOST_REFUSAL}"))
+            continue
+        number = taps.get(n.id)
+        if number is None:
+            checks.append(Check(name, False, f"{n.id}: no tap fd recorded for QEMU "
+                                "(launched by an older sealvm?): restart the VM"))
+            continue
+        try:
+            fd = pidfd_getfd(vm.state.pid, number)
+        except OSError as exc:
+            checks.append(Check(name, False, f"{n.id}: cannot look at QEMU's fd {number}: "
+                                f"{exc.strerror or exc}"))
+            continue
+        try:
+            ifname, flags = net.tap_info(fd)
+        except OSError as exc:
+            checks.append(Check(name, False, f"{n.id}: QEMU's fd {number} is not a tap "
+                                f"({exc.strerror or exc})"))
+            continue
+        finally:
+            os.close(fd)
+        if ifname != n.tap:
+            checks.append(Check(name, False, f"{n.id}: QEMU's fd {number} is tap {ifname}, "
+                                f"not {n.tap}"))
+        elif flags & net.IFF_VNET_HDR:
+            checks.append(Check(name, False, f"{n.id}: tap {ifname} has a vnet header: a new "
+                                "QEMU would reset its length under the old one"))
+        else:
+            checks.append(Check(name, True, f"{n.id}: tap {ifname} (QEMU fd {number}) handed "
+                                "over by fd, no vnet header"))
+    return checks
+
+
+def check_disks(vm: Machine) -> list[Check]:
+    """The new QEMU opens each image by path: the path must still name the
+    file the running QEMU has open, or the guest would move to another disk."""
+    assert vm.state is not None and vm.pid is not None
+    held = set()
+    for _fd, st in procfs.open_files(vm.pid):
+        held.add((st.st_dev, st.st_ino))
+    checks = []
+    for d in vm.spec.disk:
+        name = f"disk-{d.id}"
+        launched = vm.state.disks.get(d.id)
+        try:
+            st = os.stat(d.path)
+        except OSError as exc:
+            checks.append(Check(name, False, f"{d.id}: {d.path}: {exc.strerror}: the new QEMU "
+                                "could not open the image"))
+            continue
+        now = (st.st_dev, st.st_ino)
+        if launched is not None and tuple(launched) != now:
+            checks.append(Check(name, False, f"{d.id}: {d.path} now names another file (inode "
+                                f"{launched[1]} at launch, {st.st_ino} now): the new QEMU "
+                                "would open it; put the image back"))
+        elif now not in held:
+            checks.append(Check(name, False, f"{d.id}: QEMU (pid {vm.pid}) has no fd on "
+                                f"{d.path} (inode {st.st_ino})"))
+        else:
+            checks.append(Check(name, True, f"{d.id}: {d.path} ({d.format}, cache={d.cache}"
+                                f"{', read-only' if d.readonly else ''}), same inode "
+                                f"{st.st_ino}; locks pass at switchover (disks inactivated)"))
+    return checks
 
 
 async def check_inventory(vm: Machine, *, required: bool = True) -> list[Check]:
@@ -344,6 +420,8 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
         checks.append(await check_aux_ram_share(vm))
         checks.extend(await check_inventory(vm, required=require_sealed))
     checks.extend(await check_vfio_devices(vm, mode))
+    checks.extend(check_nics(vm))
+    checks.extend(check_disks(vm))
     checks.append(await check_binary(vm, qemu))
     if mode == "cpr-exec":
         checks.append(check_room(vm.paths.cpr_state))

@@ -166,6 +166,29 @@ def pids_with_arg(arg: str) -> list[int]:
     return sorted(found)
 
 
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes other than this one with *text* in their command line
+    (anywhere in any argument): what still runs from a given run directory."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            argv = cmdline(int(entry))
+            if argv and any(text in a for a in argv) and pid_alive(int(entry)):
+                found.append(int(entry))
+    return sorted(found)
+
+
 def exe_of(pid: int) -> str:
     """The executable *pid* runs now (changes at exec)."""
     return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+
+
+def open_files(pid: int) -> list[tuple[int, os.stat_result]]:
+    """(fd, stat of what it refers to) for every fd of *pid* that can be stat()ed."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append((int(name), os.stat(f"/proc/{pid}/fd/{name}")))
+        except OSError:
+            continue
+    return out

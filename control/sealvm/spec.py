@@ -23,11 +23,35 @@ Example::
     [[vfio]]
     host = "0000:00:01.0"       # or sysfsdev = "/sys/bus/mdev/devices/<uuid>"
     backend = "iommufd"         # iommufd | legacy
+
+    [scripts]                   # the QMP endpoint for scripts (sealvm.endpoint)
+    enabled = true
+    group = "vmops"             # optional: members may connect
+    allow = []                  # commands allowed although refused by default
+    deny = []                   # commands refused as well
+    [[net]]                     # a virtio-net NIC on a tap sealvm creates and opens
+    id = "net0"
+    mac = "52:54:00:12:34:56"   # default: derived from the VM name and id
+    tap = "demo0"               # default: derived from the VM name and id
+    netns = "demo"              # the tap's namespace; created (and removed) if missing
+    bridge = "br0"              # optional: attach the tap to this bridge (in netns)
+    address = "192.0.2.1/24"    # optional: address the tap itself (not with bridge)
+    vhost = false               # vhost-net (refused by preflight: see sealvm.net)
+
+    [[disk]]                    # a virtio-blk disk
+    id = "disk0"
+    path = "disk.img"
+    format = "raw"              # raw | qcow2
+    cache = "none"              # none | writeback | writethrough | directsync | unsafe
+    readonly = false
 """
 
 from __future__ import annotations
 
 import difflib
+import grp
+import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -49,11 +73,20 @@ MACHINES = ("q35", "pc")
 ACCELS = ("tcg", "kvm")
 MEMORY_BACKENDS = ("memfd", "ram")
 VFIO_BACKENDS = ("iommufd", "legacy")
+DISK_FORMATS = ("raw", "qcow2")
+DISK_CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+#: a Linux interface name: IFNAMSIZ - 1 characters, no '/', ':' or blanks
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 DEFAULT_FIRMWARE = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
 
 
 @dataclass(frozen=True)
 class MemorySpec:
+    """Guest RAM: *size* in bytes, *backend* ``memfd`` (sealed, shared,
+    survives a live update) or ``ram`` (refused by preflight), optionally
+    on huge pages of *hugetlbsize* bytes."""
+
     size: int
     backend: str = "memfd"
     hugetlb: bool = False
@@ -62,8 +95,39 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class GuestSpec:
+    """What the guest boots: a multiboot *kernel* (``-kernel``) and its
+    command line (the test guest reads ``hb_ms=N``)."""
+
     kernel: Path
     cmdline: str = ""
+    initrd: Path | None = None
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One virtio-net NIC on a tap that sealvm creates (pyroute2), opens and
+    passes to QEMU by fd.  The tap lives in *netns* (created by sealvm if
+    missing) or in sealvm's own namespace; *bridge*, if set, is a bridge in
+    that same namespace the tap is attached to."""
+
+    id: str
+    mac: str
+    tap: str
+    netns: str | None = None
+    bridge: str | None = None
+    address: str | None = None  # CIDR, on the tap itself
+    vhost: bool = False
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One virtio-blk disk on an image file."""
+
+    id: str
+    path: Path
+    format: str = "raw"
+    cache: str = "writeback"
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,13 +141,30 @@ class VfioSpec:
 
     @property
     def sysfs_path(self) -> Path:
+        """The device's sysfs directory (the mdev's, or the PCI function's)."""
         if self.sysfsdev is not None:
             return self.sysfsdev
         return Path("/sys/bus/pci/devices") / str(self.host)
 
 
 @dataclass(frozen=True)
+class ScriptsSpec:
+    """The QMP endpoint for scripts (`sealvm.endpoint`)."""
+
+    enabled: bool = True
+    #: a group whose members may connect (socket 0660, run directory 0710)
+    group: str | None = None
+    #: commands allowed although refused by default (`endpoint.policy`)
+    allow: tuple[str, ...] = ()
+    #: commands refused as well
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmSpec:
+    """A validated VM spec (`load_spec`, `spec_from_dict`); immutable, and
+    ``spec_from_dict(spec.to_dict())`` gives it back."""
+
     name: str
     qemu: Path
     memory: MemorySpec
@@ -94,9 +175,13 @@ class VmSpec:
     serial_log: Path | None = None
     firmware: tuple[Path, ...] = DEFAULT_FIRMWARE
     vfio: tuple[VfioSpec, ...] = ()
+    net: tuple[NetSpec, ...] = ()
+    disk: tuple[DiskSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
+    scripts: ScriptsSpec = ScriptsSpec()
 
     def with_qemu(self, qemu: Path) -> VmSpec:
+        """The same spec with another QEMU binary."""
         return replace(self, qemu=qemu)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +200,21 @@ class VmSpec:
                 "hugetlb": self.memory.hugetlb,
                 "hugetlbsize": self.memory.hugetlbsize,
             },
-            "guest": {"kernel": str(self.guest.kernel), "cmdline": self.guest.cmdline},
+            "guest": {"kernel": str(self.guest.kernel), "cmdline": self.guest.cmdline,
+                      **({} if self.guest.initrd is None else
+                         {"initrd": str(self.guest.initrd)})},
+            "net": [
+                {k: v for k, v in (("id", n.id), ("mac", n.mac), ("tap", n.tap),
+                                   ("netns", n.netns), ("bridge", n.bridge),
+                                   ("address", n.address), ("vhost", n.vhost))
+                 if v is not None}
+                for n in self.net
+            ],
+            "disk": [
+                {"id": d.id, "path": str(d.path), "format": d.format, "cache": d.cache,
+                 "readonly": d.readonly}
+                for d in self.disk
+            ],
             "vfio": [
                 {
                     k: str(v)
@@ -132,6 +231,10 @@ class VmSpec:
         }
         if self.serial_log is not None:
             out["serial_log"] = str(self.serial_log)
+        sc = self.scripts
+        out["scripts"] = {"enabled": sc.enabled, "allow": list(sc.allow), "deny": list(sc.deny)}
+        if sc.group is not None:
+            out["scripts"]["group"] = sc.group
         return out
 
 
@@ -245,9 +348,11 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
         raise SpecError("memory.size", "not a multiple of hugetlbsize", "round it up")
 
     gt = _Table(top.require("guest", dict, 'add [guest] with kernel = "PATH"'), "guest")
+    initrd = gt.get("initrd", str)
     guest = GuestSpec(
         kernel=_path(gt.require("kernel", str, 'e.g. kernel = "guest.bin"'), base),
         cmdline=gt.get("cmdline", str, ""),
+        initrd=_path(initrd, base) if initrd else None,
     )
     gt.done()
 
@@ -277,6 +382,19 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
     ids = [d.id for d in devices]
     if len(set(ids)) != len(ids):
         raise SpecError("vfio", "device ids are not unique", "give each [[vfio]] its own id")
+    scripts = _scripts(_Table(top.get("scripts", dict, {}), "scripts"))
+    nets = tuple(_net(raw, i, name) for i, raw in enumerate(top.get("net", list, [])))
+    disks = tuple(_disk(raw, i, base) for i, raw in enumerate(top.get("disk", list, [])))
+    _unique("net", "id", [n.id for n in nets])
+    _unique("net", "mac", [n.mac for n in nets])
+    _unique("net", "tap", [(n.netns, n.tap) for n in nets])
+    _unique("disk", "id", [d.id for d in disks])
+    _unique("disk", "path", [os.path.normpath(d.path) for d in disks])
+    every = [*ids, *(n.id for n in nets), *(d.id for d in disks)]
+    twice = sorted({i for i in every if every.count(i) > 1})
+    if twice:
+        raise SpecError("vfio/net/disk", f"id {twice[0]!r} names two devices",
+                        "give every device its own id")
     top.done()
 
     return VmSpec(
@@ -290,8 +408,116 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
         serial_log=_path(serial, base) if serial else None,
         firmware=tuple(_path(f, base) for f in firmware) if firmware else DEFAULT_FIRMWARE,
         vfio=tuple(devices),
+        net=nets,
+        disk=disks,
         extra_args=tuple(extra),
+        scripts=scripts,
     )
+
+
+_COMMAND = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _scripts(st: _Table) -> ScriptsSpec:
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("allow", "deny"):
+        value = st.get(key, list, [])
+        bad = [c for c in value if not isinstance(c, str) or not _COMMAND.match(c)]
+        if bad:
+            raise SpecError(st.path(key), f"{bad[0]!r} is not a QMP command name",
+                            'e.g. allow = ["human-monitor-command"]')
+        lists[key] = tuple(value)
+    both = set(lists["allow"]) & set(lists["deny"])
+    if both:
+        raise SpecError(st.path("deny"), f"{sorted(both)[0]!r} is both allowed and denied")
+    group = st.get("group", str)
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise SpecError(st.path("group"), f"no group named {group!r}",
+                            "create it, or name an existing group") from None
+    spec = ScriptsSpec(enabled=st.get("enabled", bool, True), group=group, **lists)
+    st.done()
+    return spec
+
+
+def _unique(section: str, key: str, values: list[object]) -> None:
+    seen: set[object] = set()
+    for v in values:
+        if v in seen:
+            shown = v[1] if isinstance(v, tuple) else v
+            raise SpecError(section, f"{key} {shown!r} is used twice",
+                            f"give each [[{section}]] its own {key}")
+        seen.add(v)
+
+
+def _default_name(prefix: str, vm: str, dev: str) -> str:
+    return prefix + hashlib.sha256(f"{vm}/{dev}".encode()).hexdigest()[:10]
+
+
+def _net(raw: object, i: int, vm: str) -> NetSpec:
+    t = _Table(raw, f"net[{i}]")
+    dev_id = t.get("id", str, f"net{i}")
+    if not _NAME.match(dev_id):
+        raise SpecError(t.path("id"), f"{dev_id!r} is not a valid id", "letters, digits, -")
+    # locally administered, unicast, stable for a VM and NIC
+    default_mac = "52:54:00:" + ":".join(
+        _default_name("", vm, dev_id)[k:k + 2] for k in (0, 2, 4))
+    mac = t.get("mac", str, default_mac).lower()
+    if not _MAC.match(mac):
+        raise SpecError(t.path("mac"), f"{mac!r} is not a MAC address", "e.g. 52:54:00:12:34:56")
+    if int(mac[:2], 16) & 1:
+        raise SpecError(t.path("mac"), f"{mac} is a multicast address",
+                        "the first octet must be even, e.g. 52:54:00:...")
+    if mac == "00:00:00:00:00:00":
+        raise SpecError(t.path("mac"), "the all-zero address", "e.g. 52:54:00:12:34:56")
+    tap = t.get("tap", str, _default_name("svt", vm, dev_id))
+    if not _IFNAME.match(tap):
+        raise SpecError(t.path("tap"), f"{tap!r} is not a valid interface name",
+                        "at most 15 letters, digits, . _ -")
+    netns = t.get("netns", str)
+    if netns is not None and not _NAME.match(netns):
+        raise SpecError(t.path("netns"), f"{netns!r} is not a valid namespace name",
+                        "letters, digits, . _ -")
+    bridge = t.get("bridge", str)
+    if bridge is not None and not _IFNAME.match(bridge):
+        raise SpecError(t.path("bridge"), f"{bridge!r} is not a valid interface name",
+                        "at most 15 letters, digits, . _ -")
+    address = t.get("address", str)
+    if address is not None:
+        try:
+            iface = ipaddress.ip_interface(address)
+        except ValueError:
+            raise SpecError(t.path("address"), f"{address!r} is not an address/prefix",
+                            'e.g. "192.0.2.1/24"') from None
+        if "/" not in address:
+            raise SpecError(t.path("address"), "no prefix length", 'e.g. "192.0.2.1/24"')
+        address = str(iface)
+        if bridge is not None:
+            raise SpecError(t.path("address"), "a tap attached to a bridge takes no address",
+                            "address the bridge instead, or drop bridge")
+    vhost = t.get("vhost", bool, False)
+    t.done()
+    return NetSpec(id=dev_id, mac=mac, tap=tap, netns=netns, bridge=bridge, address=address,
+                   vhost=vhost)
+
+
+def _disk(raw: object, i: int, base: Path) -> DiskSpec:
+    t = _Table(raw, f"disk[{i}]")
+    dev_id = t.get("id", str, f"disk{i}")
+    if not _NAME.match(dev_id):
+        raise SpecError(t.path("id"), f"{dev_id!r} is not a valid id", "letters, digits, -")
+    path = _path(t.require("path", str, 'e.g. path = "disk.img"'), base)
+    disk = DiskSpec(
+        id=dev_id,
+        path=path,
+        format=_choice(t.get("format", str, "raw"), DISK_FORMATS, t.path("format")),
+        cache=_choice(t.get("cache", str, "writeback"), DISK_CACHES, t.path("cache")),
+        readonly=t.get("readonly", bool, False),
+    )
+    t.done()
+    return disk
 
 
 def load_spec(path: Path) -> VmSpec:
@@ -320,11 +546,24 @@ def check_files(spec: VmSpec) -> None:
     if not spec.guest.kernel.is_file():
         raise SpecError("guest.kernel", f"{spec.guest.kernel} does not exist",
                         "build it with `make guest` or fix the path")
+    if spec.guest.initrd is not None and not spec.guest.initrd.is_file():
+        raise SpecError("guest.initrd", f"{spec.guest.initrd} does not exist",
+                        "build it with `make linux-guest` or fix the path")
+    for i, d in enumerate(spec.disk):
+        if not d.path.is_file():
+            raise SpecError(f"disk[{i}].path", f"{d.path} is not a file",
+                            "create the image first (sealvm never creates one)")
+        if not os.access(d.path, os.R_OK if d.readonly else os.R_OK | os.W_OK):
+            raise SpecError(f"disk[{i}].path", f"{d.path} is not "
+                            + ("readable" if d.readonly else "readable and writable"))
 
 
 __all__ = [
+    "DiskSpec",
     "GuestSpec",
+    "ScriptsSpec",
     "MemorySpec",
+    "NetSpec",
     "VfioSpec",
     "VmSpec",
     "check_files",

@@ -25,7 +25,7 @@ from typing import Any
 
 from cffi import FFI
 
-from ._ffi import check_layouts
+from ._ffi import check_layouts, pidfd_getfd
 
 ffi = FFI()
 ffi.cdef(
@@ -52,7 +52,6 @@ ffi.cdef(
     };
 
     int ioctl(int fd, unsigned long request, ...);
-    long syscall(long number, ...);
     """
 )
 _libc = ffi.dlopen(None)
@@ -127,10 +126,6 @@ MIG_STATES = ("ERROR", "STOP", "RUNNING", "STOP_COPY", "RESUMING", "RUNNING_P2P"
 #: vfio-pci region index of BAR0 (VFIO_PCI_BAR0_REGION_INDEX)
 VFIO_PCI_BAR0_REGION_INDEX = 0
 
-#: asm-generic/unistd.h, the same number on every architecture
-SYS_PIDFD_GETFD = 438
-
-
 def migration_flag_names(flags: int) -> list[str]:
     """``0x7`` -> ``['STOP_COPY', 'P2P', 'PRE_COPY']``."""
     return [name for bit, name in MIGRATION_FLAG_NAMES.items() if flags & bit]
@@ -152,23 +147,6 @@ def _ioctl(fd: int, request: int, arg: Any) -> int:
 
 
 # ------------------------------------------------------------ pidfd_getfd
-
-
-def _pidfd_getfd(pidfd: int, targetfd: int) -> tuple[int, int]:
-    ret = _libc.syscall(ffi.cast("long", SYS_PIDFD_GETFD), ffi.cast("int", pidfd),
-                        ffi.cast("int", targetfd), ffi.cast("unsigned int", 0))
-    return (int(ret), 0) if ret >= 0 else (-1, int(ffi.errno))
-
-
-def pidfd_getfd(pid: int, targetfd: int) -> int:
-    """A duplicate (O_CLOEXEC) of fd *targetfd* of process *pid*."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd, err = _pidfd_getfd(pidfd, targetfd)
-    finally:
-        os.close(pidfd)
-    _raise(err, f"pidfd_getfd({pid}, {targetfd})")
-    return fd
 
 
 def fd_of(pid: int, path: str) -> int | None:

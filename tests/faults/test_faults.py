@@ -187,12 +187,26 @@ async def test_controller_killed(op: Operator, mode: str, step: str,
         p = op.run("update", NAME, "--mode", mode, "--json", fault=fault)
         assert p.returncode == -signal.SIGKILL, p.stderr
         rec = op.json("recover", NAME, rc=None)
-        assert rec["outcome"] in ("completed", "rolled-back"), rec
+        assert rec.get("outcome") in ("completed", "rolled-back"), rec
         await verify(op, case=f"{mode} {fault}", update="controller killed",
                      recover=rec["outcome"])
         return
     await run_case(op, mode=mode, fault=fault, expect_update="controller killed",
                    expect_recover=expect)
+
+
+async def test_new_qemu_dies_while_recover_probes_it(op: Operator) -> None:
+    """The controller dies with the migration sent; the new QEMU then dies
+    while `recover` asks it whether it loaded the guest: it never ran it,
+    so the old QEMU takes the guest back (not an error, not lost)."""
+    p = op.run("update", NAME, "--mode", "transfer", "--json",
+               fault="kill-controller@migrate-sent")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    rec = op.json("recover", NAME, rc=None, fault="kill-new@recover-probe")
+    assert rec.get("outcome") == "rolled-back", rec
+    assert any("monitor failed" in a for a in rec["actions"]), rec
+    await verify(op, case="transfer kill-controller@migrate-sent, new dies in recover",
+                 update="controller killed", recover=rec["outcome"])
 
 
 # --------------------------------------------------- the QEMUs die or hang

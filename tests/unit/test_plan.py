@@ -53,8 +53,18 @@ def test_qmp_socket_is_passed_by_fd_and_serial_appends() -> None:
     chardevs = opt(argv, "-chardev")
     assert "socket,id=qmp,fd=9,server=on,wait=off" in chardevs
     assert "file,id=serial0,path=/run/sealvm/t/serial.log,append=on" in chardevs
-    assert opt(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert opt(argv, "-mon") == ["chardev=qmp,mode=control", "chardev=scripts,mode=control"]
     assert opt(argv, "-append") == ["hb_ms=10 pattern=on"]  # one argv element, no shell
+
+
+def test_script_monitor_connects_out_and_retries() -> None:
+    """QEMU connects to the script endpoint itself, never waiting for it."""
+    argv = qemu_argv(spec(), PATHS, FdPlan(qmp_listen=9))
+    assert ("socket,id=scripts,path=/run/sealvm/t/endpoint-qemu.sock,server=off,"
+            "reconnect-ms=100") in opt(argv, "-chardev")
+    off = qemu_argv(spec(scripts={"enabled": False}), PATHS, FdPlan(qmp_listen=9))
+    assert opt(off, "-mon") == ["chardev=qmp,mode=control"]
+    assert not any("scripts" in a for a in off)
 
 
 def test_vfio_iommufd_devices_use_passed_fds() -> None:

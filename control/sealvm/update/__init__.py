@@ -25,7 +25,7 @@ import secrets
 import time
 from pathlib import Path
 
-from .. import procfs
+from .. import endpoint, procfs
 from ..console import ConsoleFollower
 from ..errors import PreflightError, QMPReplyError, SealvmError, StateError, UpdateError
 from ..machine import Machine
@@ -125,6 +125,17 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                         way_back=way_back)
     vm.runstate = VmRunstate.UPDATING
     completed_error: UpdateError | None = None
+    endpoint.notify(vm.paths, "update-start", mode=mode, old_qemu=report.qemu_before,
+                    new_qemu=str(new_qemu), pid=pid)
+    ended = False
+
+    def tell_end(result: str, error: str | None = None) -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            endpoint.notify(vm.paths, "update-end", mode=mode, result=result, pid=vm.pid,
+                            qemu=vm.argv[0] if vm.state is not None else None,
+                            pause_qmp=report.pause_qmp, error=error)
     try:
         async with contextlib.AsyncExitStack() as stack:
             follower = None
@@ -148,6 +159,8 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                 journal.end("completed" if completed_error is None else
                             "completed-with-errors",
                             error=None if completed_error is None else completed_error.message)
+                tell_end("completed" if completed_error is None else "completed-with-errors",
+                         None if completed_error is None else completed_error.message)
             except OSError as exc:  # e.g. a full disk: the journal stays, recover writes
                 where = exc.filename or vm.paths.root
                 raise UpdateError(f"the new QEMU runs the guest, but {where}: {exc.strerror}; "
@@ -173,7 +186,14 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                 now = follower.log.mismatch_counter()
                 report.mismatches = max(follower.log.mismatched_words,
                                         -1 if now is None else now - base)
+    except UpdateError as exc:
+        tell_end(exc.outcome, exc.message)
+        raise
+    except BaseException as exc:
+        tell_end("interrupted" if vm.paths.journal.exists() else "failed", str(exc))
+        raise
     finally:
+        tell_end("completed")
         if vm.runstate is VmRunstate.UPDATING:
             vm.runstate = VmRunstate.RUNNING if vm.alive() else VmRunstate.STOPPED
     report.phases = clock.phases

@@ -34,10 +34,10 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .. import procfs
-from ..errors import SealvmError, StateError, UpdateError
+from .. import endpoint, procfs
+from ..errors import QMPReplyError, SealvmError, StateError, UpdateError
 from ..lock import VmLock
-from ..machine import Machine, cleanup_run_files, read_state
+from ..machine import Machine, cleanup_run_files, read_state, release_host_resources
 from ..plan import RunPaths, name_arg
 from ..process import QemuProcess
 from ..runroot import default_run_root
@@ -136,7 +136,10 @@ async def recover(name: str, *, run_root: Path | None = None, timeout: float = 6
                *paths.root.glob("qmp-next-*.sock"))
         if report.outcome == "lost":
             cleanup_run_files(paths)
+            release_host_resources(state)
         journal.end(report.outcome, actions=report.actions, by="recover")
+        endpoint.notify(paths, "update-end", mode=report.mode, result=report.outcome,
+                        pid=report.pid, by="recover")
         return report
 
 
@@ -171,6 +174,8 @@ async def abandon(name: str, *, run_root: Path | None = None,
             await proc.wait_exit(10.0)
             proc.close()
         cleanup_run_files(paths)
+        if state is not None:
+            release_host_resources(state)
         if journal is not None:
             journal.end("abandoned", killed=killed, by="down")
         return killed
@@ -345,9 +350,22 @@ async def _recover_transfer(vm: Machine, journal: Journal, report: RecoverReport
                                      f"the guest but does not answer ({exc}); run recover "
                                      "again, or `sealvm down`") from exc
             if new_qmp is not None:
-                guest = await status(new_qmp)
-                loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
-                    "completed"
+                journal.pids["new"] = new_pid
+                journal.fault("recover-probe")
+                try:
+                    guest = await status(new_qmp)
+                    loaded = guest == "running" or (await migration_status(new_qmp))[0] == \
+                        "completed"
+                except (StateError, QMPReplyError) as exc:
+                    # it died or answers nonsense: before `cont` it never ran the
+                    # guest, so the old QEMU takes it back
+                    if forward_only:
+                        raise StateError(f"VM {vm.name}: the new QEMU (pid {new_pid}) may run "
+                                         f"the guest but its monitor failed ({exc}); run "
+                                         "recover again, or `sealvm down`") from exc
+                    report.actions.append(f"the new QEMU's monitor failed: {exc}")
+                    await disconnect(new_qmp)
+                    new_qmp = None
         if new_pid is not None and new_qmp is not None and (loaded or forward_only):
             await _forward(vm, journal, report, new_pid, new_qmp, sock, deadline,
                            timeout, old_alive)

@@ -22,6 +22,7 @@ class RamBlock:
 
     @classmethod
     def of(cls, m: procfs.Memfd) -> RamBlock:
+        """The block of a memfd read from /proc."""
         return cls(m.name, m.inode, m.size, m.seal_names)
 
 
@@ -61,11 +62,14 @@ class UpdateReport:
 
     @property
     def ram_inode_unchanged(self) -> bool:
+        """True when every guest-RAM memfd is the same inode after as before
+        (the guest kept its memory, not a copy)."""
         before = {b.name: b.inode for b in self.ram_before}
         after = {b.name: b.inode for b in self.ram_after}
         return bool(before) and before == after
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, with ``ram_inode_unchanged``."""
         d = asdict(self)
         d["ram_inode_unchanged"] = self.ram_inode_unchanged
         return d

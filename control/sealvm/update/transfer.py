@@ -29,7 +29,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, Runstate
 
 from .. import procfs
-from ..errors import LaunchError, QMPReplyError, SealvmError, UpdateError
+from ..errors import HostError, LaunchError, QMPReplyError, SealvmError, UpdateError
 from ..machine import listen_unix
 from ..plan import FdPlan
 from ..process import QemuProcess
@@ -104,7 +104,7 @@ async def run(ctx: UpdateContext, *, cpr: bool) -> None:
             vm.spec.with_qemu(ctx.qemu), qmp_next, extra=extra,
             extra_fds=[cpr_listener.fileno()] if cpr_listener else [],
             fds=vm.state.fd_plan() if cpr else None, marker=ctx.marker)
-    except LaunchError as exc:
+    except (LaunchError, HostError) as exc:
         journal.end("rolled-back", error=str(exc))
         remove(qmp_next, paths.cpr_sock)
         raise UpdateError(f"new QEMU did not start: {exc}", rolled_back=True) from exc
@@ -113,8 +113,7 @@ async def run(ctx: UpdateContext, *, cpr: bool) -> None:
             cpr_listener.close()
     journal.pids["new"] = proc.pid
     journal.record("spawned", pid=proc.pid, start_time=procfs.start_time(proc.pid), argv=argv,
-                   fds={"qmp_listen": fds.qmp_listen, "iommufd": fds.iommufd,
-                        "vfio": fds.vfio})
+                   fds=fds.to_state())
     clock.mark("start")
     succ = _Successor(proc, qmp_next)
     fenced = False
