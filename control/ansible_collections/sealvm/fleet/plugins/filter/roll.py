@@ -106,6 +106,12 @@ def sealvm_roll_rows(hostvars, hosts):
     return rows
 
 
+def _short_path(path):
+    """The binary's directory and name ("build/qemu-system-x86_64"): enough to
+    tell builds apart in a table; the JSON rows have the whole path."""
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
 def _cell(value):
     return "-" if value is None or value == "" else str(value)
 
@@ -117,12 +123,13 @@ def sealvm_roll_table(rows):
     lines = []
     for r in rows:
         pause = r.get("pause_ms")
-        gen = "{}->{}".format(_cell(r.get("generation_before")), _cell(r.get("generation_after")))
+        before, after = r.get("generation_before"), r.get("generation_after")
+        gen = "-" if before is None and after is None else f"{_cell(before)}->{_cell(after)}"
         qemu = r.get("qemu_after") or r.get("qemu_before")
         msg = (r.get("msg") or "").replace("\n", " ")
         lines.append((r["host"], r["vm"], r.get("stage") or "-", _cell(r.get("mode")),
                       r["result"], "-" if pause is None else f"{pause:.1f}ms", gen,
-                      os.path.basename(qemu) if qemu else "-",
+                      _short_path(qemu) if qemu else "-",
                       msg if len(msg) <= 90 else msg[:87] + "..."))
     widths = [max([len(head[i])] + [len(row[i]) for row in lines]) for i in range(len(head) - 1)]
 
