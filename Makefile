@@ -19,8 +19,8 @@ HOST_KERNEL = $(shell scripts/build-kernel --print 2>/dev/null)
 LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
-	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults soak demo bench \
-	bench-endpoint \
+	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
+	soak demo bench bench-endpoint \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -97,6 +97,13 @@ test-unit: venv
 faults: deps qemu guest
 	SEALVM_STRICT_SKIPS=1 SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) \
 		$(PY) -m pytest -q tests/faults $(PYTEST_ARGS)
+
+# The Ansible collection's tests alone (part of `make test` too): the module
+# docs against their argument specs, and the 3 x 2 rolling update on real VMs
+# (PYTEST_ARGS=-s shows the roll as ansible-playbook prints it).
+fleet: deps qemu guest
+	SEALVM_STRICT_SKIPS=1 SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) \
+		$(PY) -m pytest -q -ra tests/test_fleet.py $(PYTEST_ARGS)
 
 # Not a test: 1,000 consecutive live updates alternating cpr-exec and
 # cpr-transfer, the guest writing its pattern all along (`make test` runs 50).

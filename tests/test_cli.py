@@ -61,7 +61,8 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     assert {"GROW", "SHRINK", "SEAL"} <= set(ram["seal_names"])
 
     assert cli.json("up", str(spec_file), rc=7)["error"] == "StateError"
-    assert [v["name"] for v in cli.json("status")["vms"]] == ["clivm"]
+    listed = cli.json("status")["vms"]
+    assert [v["name"] for v in listed] == ["clivm"] and listed[0]["qemu"] == up["qemu"]
     assert cli.json("status", "clivm")["pid"] == pid
 
     exe = cli.json("update", "clivm", "--mode", "exec", "--heartbeat-ms", "10")

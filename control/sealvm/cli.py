@@ -74,6 +74,7 @@ from .host import PROBES, host_check
 from .lock import VmLock
 from .machine import (
     Machine,
+    VmState,
     cleanup_run_files,
     list_vms,
     read_state,
@@ -216,6 +217,16 @@ async def cmd_up(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _exe(state: VmState) -> str | None:
+    """The binary a VM's QEMU runs now (from /proc, no monitor), None when it is gone."""
+    if not state.alive():
+        return None
+    try:
+        return procfs.exe_of(state.pid)
+    except OSError:
+        return None
+
+
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
     if args.vm:
         paths = _paths(args)
@@ -243,7 +254,7 @@ async def cmd_status(args: argparse.Namespace, out: Output) -> int:
             lock.release()
         out.result(info, _info_text(info))
         return 0
-    vms = [{"name": s.name, "pid": s.pid, "alive": s.alive(),
+    vms = [{"name": s.name, "pid": s.pid, "alive": s.alive(), "qemu": _exe(s),
             "generation": s.generation,
             "interrupted_update": RunPaths((args.run_dir or default_run_root()) / s.name)
             .journal.exists()} for s in list_vms(args.run_dir)]
