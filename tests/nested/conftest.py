@@ -80,7 +80,10 @@ def nested_failure(exc: NestedError, console_log: Path) -> str:
 
 
 def scenario_commands(bdf: str) -> list[str]:
-    return [
+    """Every scenario, or those ``$SEALVM_NESTED_SCENARIOS`` names
+    (comma-separated, e.g. ``vhost,mtty``: the other scenarios' tests then
+    fail for want of a result; run only the tests of those named)."""
+    commands = [
         "iommufd=l1_iommufd",
         f"vfio-iommufd=l1_vfio iommufd {bdf} --updates {UPDATES}",
         f"vfio-legacy=l1_vfio legacy {bdf} --updates {UPDATES}",
@@ -88,6 +91,15 @@ def scenario_commands(bdf: str) -> list[str]:
         f"mdma-legacy=l1_mdma legacy {bdf}",
         f"mtty=l1_mtty --updates {UPDATES}",
     ]
+    only = os.environ.get("SEALVM_NESTED_SCENARIOS")
+    if not only:
+        return commands
+    names = set(only.split(","))
+    chosen = [c for c in commands if c.partition("=")[0] in names]
+    unknown = names - {c.partition("=")[0] for c in commands}
+    if unknown:
+        raise ValueError(f"SEALVM_NESTED_SCENARIOS: no scenario {', '.join(sorted(unknown))}")
+    return chosen
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +116,8 @@ def l1(host_kernel: Path, qemu_binary: Path, guest_image: Path,
     env = {"SEALVM_QEMU": str(qemu_binary), "SEALVM_GUEST": str(guest_image),
            # cpr-exec's trampoline, built here: L1 sees this root read-only
            "SEALVM_TRAMPOLINE": str(trampoline()),
-           "PYTHONPATH": str(HERE.parent),
+           # this tree's sealvm (not whichever one the venv installed) and tests
+           "PYTHONPATH": f"{HERE.parents[1] / 'control'}:{HERE.parent}",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
     console_log = share.parent / "l1-console.log"
     failure: str | None = None
