@@ -34,6 +34,7 @@ from .harness.l1 import NestedError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
+from .l1_vhost import summary_lines as vhost_summary_lines
 
 HERE = Path(__file__).resolve().parent
 L1_TIMEOUT = 1800.0
@@ -90,6 +91,7 @@ def scenario_commands(bdf: str) -> list[str]:
         f"mdma-iommufd=l1_mdma iommufd --updates {UPDATES}",
         f"mdma-legacy=l1_mdma legacy {bdf}",
         f"mtty=l1_mtty --updates {UPDATES}",
+        "vhost=l1_vhost",
     ]
     only = os.environ.get("SEALVM_NESTED_SCENARIOS")
     if not only:
@@ -173,4 +175,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in mdma_summary_lines(_outcome.results):
         tr.write_line(line)
     for line in mtty_summary_lines(_outcome.results):
+        tr.write_line(line)
+    for line in vhost_summary_lines(_outcome.results):
         tr.write_line(line)
