@@ -34,6 +34,7 @@ from .harness.l1 import NestedError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
+from .l1_vhost import summary_lines as vhost_summary_lines
 
 HERE = Path(__file__).resolve().parent
 L1_TIMEOUT = 1800.0
@@ -80,14 +81,27 @@ def nested_failure(exc: NestedError, console_log: Path) -> str:
 
 
 def scenario_commands(bdf: str) -> list[str]:
-    return [
+    """Every scenario, or those ``$SEALVM_NESTED_SCENARIOS`` names
+    (comma-separated, e.g. ``vhost,mtty``: the other scenarios' tests then
+    fail for want of a result; run only the tests of those named)."""
+    commands = [
         "iommufd=l1_iommufd",
         f"vfio-iommufd=l1_vfio iommufd {bdf} --updates {UPDATES}",
         f"vfio-legacy=l1_vfio legacy {bdf} --updates {UPDATES}",
         f"mdma-iommufd=l1_mdma iommufd --updates {UPDATES}",
         f"mdma-legacy=l1_mdma legacy {bdf}",
         f"mtty=l1_mtty --updates {UPDATES}",
+        "vhost=l1_vhost",
     ]
+    only = os.environ.get("SEALVM_NESTED_SCENARIOS")
+    if not only:
+        return commands
+    names = set(only.split(","))
+    chosen = [c for c in commands if c.partition("=")[0] in names]
+    unknown = names - {c.partition("=")[0] for c in commands}
+    if unknown:
+        raise ValueError(f"SEALVM_NESTED_SCENARIOS: no scenario {', '.join(sorted(unknown))}")
+    return chosen
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +118,8 @@ def l1(host_kernel: Path, qemu_binary: Path, guest_image: Path,
     env = {"SEALVM_QEMU": str(qemu_binary), "SEALVM_GUEST": str(guest_image),
            # cpr-exec's trampoline, built here: L1 sees this root read-only
            "SEALVM_TRAMPOLINE": str(trampoline()),
-           "PYTHONPATH": str(HERE.parent),
+           # this tree's sealvm (not whichever one the venv installed) and tests
+           "PYTHONPATH": f"{HERE.parents[1] / 'control'}:{HERE.parent}",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
     console_log = share.parent / "l1-console.log"
     failure: str | None = None
@@ -160,4 +175,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in mdma_summary_lines(_outcome.results):
         tr.write_line(line)
     for line in mtty_summary_lines(_outcome.results):
+        tr.write_line(line)
+    for line in vhost_summary_lines(_outcome.results):
         tr.write_line(line)

@@ -13,6 +13,7 @@ from sealvm.console import Heartbeat
 from .l1_lib import Checks
 from .l1_mdma import gap_verdict
 from .l1_vfio import check_qmp_view, dma_around_pause
+from .l1_vhost import AFTER, expected_reason, refusal_verdict
 
 MS = 1_000_000
 PERIOD = 20 * MS
@@ -98,3 +99,44 @@ def test_missing_qmp_view_is_a_failed_check_on_our_qemu() -> None:
     assert [c.ok for c in checks.checks] == [False], checks.checks
     check_qmp_view(checks, "view", None, "iommufd", stock_qemu=True)
     assert len(checks.checks) == 1  # a stock QEMU is not asked
+
+
+def refusal_row(**changes: Any) -> dict[str, Any]:
+    """What a refused update of a vhost VM shows when sealvm works."""
+    same = {"pid": 7, "start_time": 100, "exe": "/q"}
+    row: dict[str, Any] = {
+        "mode": "exec", "exit": 4, "error": "PreflightError", "reasons": [expected_reason()],
+        "events": [], "query_migrate": {}, "status": "running", "before": same,
+        "after": dict(same), "hb_before": 50, "hb_after": 50 + AFTER, "hb_continuous": True,
+        "beats_after_return": AFTER, "largest_gap": 0.03, "journal": []}
+    return row | changes
+
+
+def failed_refusal_checks(row: dict[str, Any]) -> list[str]:
+    return [name for name, ok, _ in refusal_verdict(row) if not ok]
+
+
+def test_a_vhost_refusal_passes_when_nothing_happened() -> None:
+    assert failed_refusal_checks(refusal_row()) == []
+
+
+def test_a_vhost_update_that_went_ahead_fails() -> None:
+    # preflight without its vhost check: the update starts, the guest pauses
+    went = refusal_row(exit=0, error=None, reasons=None,
+                       events=["SEALVM_UPDATE_START", "STOP", "RESUME", "SEALVM_UPDATE_END"],
+                       after={"pid": 8, "start_time": 200, "exe": "/q"})
+    assert len(failed_refusal_checks(went)) == 4, failed_refusal_checks(went)
+    # refused, but for another reason, or with the reason reworded
+    for reasons in (["binary: no such file"], [expected_reason() + " (extra)"],
+                    [expected_reason(), "binary: no such file"]):
+        assert failed_refusal_checks(refusal_row(reasons=reasons)) == [
+            "exec: the only reason is net-net0: VHOST_REFUSAL, as written"]
+    # refused only after the guest had paused
+    late = refusal_row(events=["STOP", "RESUME"])
+    assert failed_refusal_checks(late) == ["exec: no event during the attempt "
+                                           "(no STOP/RESUME/update start)"]
+    assert failed_refusal_checks(refusal_row(hb_continuous=False)) == [
+        "exec: heartbeat continuous through the attempt"]
+    # the guest stopped once sealvm had returned (beats during the call only)
+    assert failed_refusal_checks(refusal_row(beats_after_return=0)) == [
+        "exec: heartbeat continuous through the attempt"]
