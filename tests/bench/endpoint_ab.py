@@ -1,9 +1,10 @@
 """
 What the QMP endpoint for scripts costs an update's pause (a benchmark, not
 a test): three VMs side by side, updated round by round, modes and VMs
-interleaved -- no endpoint (``[scripts] enabled = false``), the endpoint
-with no script, and the endpoint with three scripts connected, each
-polling ``query-status`` every 50 ms (their commands are held in the pause).
+interleaved, only the guest being updated running -- no endpoint
+(``[scripts] enabled = false``), the endpoint with no script, and the
+endpoint with three scripts connected, each polling ``query-status`` every
+50 ms (their commands are held in the pause).
 
     make bench-endpoint [ENDPOINT_AB_ARGS="--rounds 20 --size 256M"]
 
@@ -65,6 +66,7 @@ async def run(args: argparse.Namespace) -> int:
                 "scripts": {"enabled": v != "no-endpoint"}})
             vms[v] = Machine(spec, run_root=root)
             await vms[v].launch()
+            await vms[v].pause()
         path = vms["endpoint+3"].script_socket
         assert path is not None
         pollers = [asyncio.ensure_future(poll(path, f"s{i}", stop)) for i in range(3)]
@@ -72,8 +74,12 @@ async def run(args: argparse.Namespace) -> int:
             for mode in MODES:
                 order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
                 for v in order:
+                    # only the guest being updated runs: three busy guests on
+                    # two cores would measure the contention, not the endpoint
+                    await vms[v].resume()
                     rep = await live_update(vms[v], mode=mode, heartbeat_interval=0.01,
                                             verify_pass=False)
+                    await vms[v].pause()
                     rows.setdefault((v, mode), []).append(
                         ((rep.pause_qmp or -1) * 1000, (rep.pause_guest or -1) * 1000))
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
