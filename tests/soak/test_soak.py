@@ -21,6 +21,8 @@ async def test_soak(qemu_binary: Path, guest_image: Path, run_root: Path) -> Non
     for mode in MODES:
         first, last = result.flat(mode)
         assert last.fds == first.fds, f"{mode}: open fds {first.fds} -> {last.fds}"
-        # a leak of one guest page per update would already be 200 KiB here
-        assert abs(last.rss_anon_kib - first.rss_anon_kib) <= 0.01 * first.rss_anon_kib, \
+        # a leak of one guest page per update would already be 200 KiB here;
+        # a fresh cpr-transfer process may also come out smaller (CI saw
+        # -1.8 %, 13364 -> 13124 KiB): only growth is a leak
+        assert last.rss_anon_kib - first.rss_anon_kib <= 0.01 * first.rss_anon_kib, \
             f"{mode}: RssAnon {first.rss_anon_kib} -> {last.rss_anon_kib} KiB"
