@@ -10,6 +10,8 @@ the first failure, so one L1 boot tells the whole story.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +20,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sealvm import Machine
 
 SYS_PCI = Path("/sys/bus/pci")
 
@@ -186,3 +191,27 @@ def qemu_pids() -> list[int]:
         if "qemu-system" in exe:
             pids.append(int(entry))
     return pids
+
+
+async def failed_cpr_exec(vm: Machine, timeout: float) -> list[str]:
+    """A cpr-exec whose command cannot be executed: the migration completes,
+    exec fails, the migration fails and the VM runs again.  Returns the
+    MIGRATION statuses seen; the mode parameter stays cpr-exec (sticky)."""
+    await vm.execute("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "events", "state": True}]})
+    await vm.execute("migrate-set-parameters", {
+        "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu-system-x86_64"]})
+    events = vm.events(["MIGRATION"])
+    seen: list[str] = []
+    try:
+        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
+        async with asyncio.timeout(timeout):
+            async for ev in events:
+                seen.append(ev["data"]["status"])
+                if seen[-1] in ("failed", "cancelled"):
+                    break
+    finally:
+        await events.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            vm.paths.cpr_state.unlink()
+    return seen

@@ -64,7 +64,7 @@ from sealvm.vfio import (
     region_info,
 )
 
-from .l1_lib import Checks, QemuLog, qemu_pids, trace_args
+from .l1_lib import Checks, QemuLog, failed_cpr_exec, qemu_pids, trace_args
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MEMORY = 256 << 20
@@ -472,25 +472,9 @@ async def savevm_after_failed_cpr(checks: Checks, vm: Machine, con: ConsoleFollo
     the device state: it does not share the device with another QEMU."""
     image = RUN_ROOT / "snapshot.qcow2"
     await qcow2_node(vm, image, "snap")
-    await vm.execute("migrate-set-capabilities",
-                     {"capabilities": [{"capability": "events", "state": True}]})
-    await vm.execute("migrate-set-parameters", {
-        "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu-system-x86_64"]})
-    events = vm.events(["MIGRATION"])
-    try:
-        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
-        # cpr-exec completes the migration, then fails to exec: completed,
-        # then failed, and the VM runs again.
-        seen = []
-        async with asyncio.timeout(STEP_TIMEOUT):
-            async for ev in events:
-                seen.append(ev["data"]["status"])
-                if seen[-1] in ("failed", "cancelled"):
-                    break
-    finally:
-        await events.aclose()
-        with contextlib.suppress(FileNotFoundError):
-            vm.paths.cpr_state.unlink()
+    # cpr-exec completes the migration, then fails to exec: completed,
+    # then failed, and the VM runs again.
+    seen = await failed_cpr_exec(vm, STEP_TIMEOUT)
     cpr_status = seen[-1]
     params = await vm.execute("query-migrate-parameters")
     status_after_cpr = await vm.status()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import re
@@ -60,6 +59,7 @@ from .l1_lib import (
     QemuLog,
     bind_vfio_pci,
     count_events,
+    failed_cpr_exec,
     iommu_group,
     pci_driver,
     qemu_pids,
@@ -242,27 +242,10 @@ async def mapping_records(vm: Machine) -> list[tuple[str, int, int, str]]:
             for c in info["vfio-containers"] for m in c["mappings"]]
 
 
-async def failed_cpr_exec(vm: Machine) -> list[str]:
-    """A cpr-exec whose command cannot be executed: the migration completes,
-    exec fails, the migration fails and the VM runs on.  Type1 has unmapped
-    the vaddrs in pre_save and maps every section again to restore them."""
-    await vm.execute("migrate-set-capabilities",
-                     {"capabilities": [{"capability": "events", "state": True}]})
-    await vm.execute("migrate-set-parameters", {
-        "mode": "cpr-exec", "cpr-exec-command": ["/nonexistent/qemu-system-x86_64"]})
-    events = vm.events(["MIGRATION"])
-    seen = []
-    try:
-        await vm.execute("migrate", {"uri": f"file:{vm.paths.cpr_state}"})
-        async with asyncio.timeout(STEP_TIMEOUT):
-            async for ev in events:
-                seen.append(ev["data"]["status"])
-                if seen[-1] in ("failed", "cancelled"):
-                    break
-    finally:
-        await events.aclose()
-        with contextlib.suppress(FileNotFoundError):
-            vm.paths.cpr_state.unlink()
+async def failed_cpr_exec_then_normal(vm: Machine) -> list[str]:
+    """`failed_cpr_exec`, then the mode parameter back to normal.  Type1 has
+    unmapped the vaddrs in pre_save and maps every section again."""
+    seen = await failed_cpr_exec(vm, STEP_TIMEOUT)
     await vm.execute("migrate-set-parameters", {"mode": "normal"})
     return seen
 
@@ -322,10 +305,12 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
             if backend == "legacy" and not stock_qemu:
                 # v1 tracked the remaps of the failure path as new mappings.
                 records = await mapping_records(vm)
-                seen = await failed_cpr_exec(vm)
-                # it paused the guest too: no "normal" transfer right after it
+                hb_before = con.log.heartbeats[-1].seq
+                seen = await failed_cpr_exec_then_normal(vm)
+                # it paused the guest too: no transfer ending from just before
+                # it to shortly after it is "normal"
                 await con.wait_heartbeats(1, STEP_TIMEOUT)
-                other_pauses.append(con.log.heartbeats[-1].seq)
+                other_pauses += range(hb_before, con.log.heartbeats[-1].seq + 1)
                 after = await mapping_records(vm)
                 before_dma, _ = last_dma(con.log)
                 await wait_dma(con, before_dma + 2, STEP_TIMEOUT)
