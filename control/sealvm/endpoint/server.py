@@ -210,8 +210,11 @@ class Endpoint:
         if self.updating is not None:
             return
         if self.active is None or not self.active.connected:
-            live = [u for u in self.upstreams if u.connected]
-            self.active = live[-1] if live else None
+            self.active = self._newest_live()
+
+    def _newest_live(self) -> Upstream | None:
+        live = [u for u in self.upstreams if u.connected]
+        return live[-1] if live else None
 
     async def update_start(self, info: dict[str, Any]) -> None:
         self.updating = dict(info, since=time.monotonic())
@@ -233,8 +236,7 @@ class Endpoint:
             if mine:
                 self.active = mine[-1]
         if self.active is None or not self.active.connected:
-            live = [u for u in self.upstreams if u.connected]
-            self.active = live[-1] if live else None
+            self.active = self._newest_live()
         if self.active is not None:
             # a round trip while commands are still held: every event the
             # QEMU sent before the update ended (its RESUME) reaches the
