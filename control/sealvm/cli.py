@@ -300,7 +300,8 @@ async def _update(args: argparse.Namespace, out: Output, vm: Machine, mode: str)
         qemu = Path(args.qemu).resolve() if args.qemu else Path(vm.argv[0])
         checks = await run_preflight(vm, mode=mode, qemu=qemu, raise_on_failure=False)
         ok = all(c.ok for c in checks)
-        text = "\n".join(f"{'ok ' if c.ok else 'NO '} {c.name:<16} {c.detail}" for c in checks)
+        text = "\n".join(f"{'NO ' if not c.ok else '!! ' if c.warning else 'ok '} "
+                         f"{c.name:<16} {c.detail}" for c in checks)
         out.result({"mode": mode, "ok": ok, "checks": [asdict(c) for c in checks]},
                    text + f"\n{args.vm}: {mode} would be " + ("allowed" if ok else "REFUSED"))
         return 0 if ok else 4

@@ -6,7 +6,8 @@ Per RAM block: fd, inode, seals, shared, whether CPR can preserve it and
 why not.  Per VFIO container: backend (iommufd | legacy) and every DMA
 mapping with its mode (``file``: the device reaches guest RAM through the
 sealed memfd; ``vaddr``: through QEMU's address space, which exec
-replaces).  A stock QEMU lacks the command: `query_inventory` returns None.
+replaces).  A stock QEMU lacks the command: `query_inventory` returns None,
+and `ram_block_names` (HMP ``info ramblock``) is all it says about its RAM.
 """
 
 from __future__ import annotations
@@ -129,6 +130,20 @@ async def query_inventory(vm: Machine) -> Inventory | None:
     if not any(isinstance(c, dict) and c.get("name") == COMMAND for c in commands):
         return None
     return parse_inventory(await vm.execute(COMMAND))
+
+
+async def ram_block_names(vm: Machine) -> list[str]:
+    """The names of the VM's RAM blocks, from HMP ``info ramblock`` (any
+    QEMU has it; the name of an aux-RAM block is also its memfd's name)."""
+    text = await vm.execute("human-monitor-command", {"command-line": "info ramblock"})
+    if not isinstance(text, str):
+        raise QMPReplyError("human-monitor-command", f"malformed reply {text!r}")
+    names = []
+    for line in text.splitlines():
+        words = line.split()
+        if words and not (words[0] == "Block" and words[1:2] == ["Name"]):
+            names.append(words[0])
+    return names
 
 
 def mismatches_with_proc(inv: Inventory, pid: int) -> list[str]:

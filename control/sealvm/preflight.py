@@ -1,7 +1,9 @@
 """
 Preflight: everything a live update needs, checked before the guest pauses.
 
-Each check returns a `Check` (name, ok, detail).  `run_preflight` runs them
+Each check returns a `Check` (name, ok, detail; a passed check may carry a
+warning: something the update keeps as it is, such as aux RAM that a stock
+QEMU left unsealed).  `run_preflight` runs them
 all and raises `PreflightError` listing every failure; the only state it
 touches (the migration mode, to read QEMU's blockers for that mode) is put
 back as it was, so a refused update leaves the VM exactly as it found it.
@@ -22,7 +24,7 @@ from . import net, procfs, vfio
 from ._ffi import pidfd_getfd
 from .errors import HostError, PreflightError, QMPReplyError
 from .host import vfio_cdev
-from .inventory import COMMAND, query_inventory
+from .inventory import COMMAND, query_inventory, ram_block_names
 from .plan import RAM_ID
 
 if TYPE_CHECKING:
@@ -42,9 +44,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    #: passed, with something the operator should know (never on a failure)
+    warning: bool = False
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.detail}"
+        return f"{self.name}: {'warning: ' if self.warning else ''}{self.detail}"
 
 
 @dataclass(frozen=True)
@@ -142,16 +146,31 @@ def check_ram(vm: Machine) -> Check:
 
 
 def check_seals(vm: Machine) -> Check:
-    """Every RAM memfd (backend and aux) must have a fixed size: a sealvm
-    QEMU refuses to inherit one that does not (and would exit after exec)."""
+    """Guest RAM (memory-backend-memfd, seal=on) must be sealed
+    GROW|SHRINK|SEAL, and no RAM memfd may be sealed against writes: a
+    sealvm QEMU refuses to inherit either.  Aux RAM memfds (firmware, ROMs,
+    ACPI tables) that a QEMU without sealvm's series created are unsealable
+    (F_SEAL_SEAL only): a sealvm QEMU inherits them as they are and they
+    stay unsealed until the VM restarts, which is a warning naming them."""
     assert vm.pid is not None
-    loose = [f"{m.name} ({'|'.join(m.seal_names) or 'no seals'})"
-             for m in procfs.memfds(vm.pid) if not m.has_seals(procfs.RAM_SEALS)]
+    memfds = procfs.memfds(vm.pid)
+    write = [f"{m.name} ({'|'.join(m.seal_names)})" for m in memfds
+             if m.seals & (procfs.F_SEAL_WRITE | procfs.F_SEAL_FUTURE_WRITE)]
+    ram = [f"{m.name} ({'|'.join(m.seal_names) or 'no seals'})" for m in memfds
+           if m.is_backend and not m.has_seals(procfs.RAM_SEALS)]
+    if write or ram:
+        return Check("ram-seals", False, "; ".join(
+            [*(["sealed against writes: " + ", ".join(write)] if write else []),
+             *(["guest RAM without GROW|SHRINK|SEAL: " + ", ".join(ram) +
+                " (memory-backend-memfd seal=on)"] if ram else [])]) +
+            "; a sealvm QEMU will not inherit them (restart the VM on a sealvm QEMU once)")
+    loose = [f"{m.name} ({'|'.join(m.seal_names) or 'no seals'})" for m in memfds
+             if not m.has_seals(procfs.RAM_SEALS)]
     if loose:
-        return Check("ram-seals", False,
-                     "RAM memfds without GROW|SHRINK|SEAL: " + ", ".join(loose) +
-                     "; a sealvm QEMU will not inherit them (restart the VM on a sealvm "
-                     "QEMU once)")
+        return Check("ram-seals", True,
+                     "aux RAM memfds without GROW|SHRINK|SEAL (made by a QEMU without "
+                     "sealvm's series; they can never be sealed): " + ", ".join(loose) +
+                     "; kept as they are, and unsealed until the VM restarts", warning=True)
     return Check("ram-seals", True, "every RAM memfd is sealed GROW|SHRINK|SEAL")
 
 
@@ -253,12 +272,7 @@ async def check_inventory(vm: Machine, *, required: bool = True) -> list[Check]:
     else reported (a comparison with a stock QEMU)."""
     inv = await query_inventory(vm)
     if inv is None:
-        if required:
-            return [Check("qemu-inventory", False,
-                          f"{COMMAND} not available: this QEMU lacks sealvm's series, "
-                          "so what it maps and keeps cannot be checked")]
-        return [Check("qemu-inventory", True,
-                      f"(not required) {COMMAND} not available (stock QEMU)")]
+        return await check_stock_inventory(vm, required=required)
     bad = [f"{b.name}: {b.cpr_blocker or 'not preserved'}" for b in inv.ram_blocks
            if not b.cpr_compatible]
     checks = [Check("ram-blocks", not bad,
@@ -274,6 +288,32 @@ async def check_inventory(vm: Machine, *, required: bool = True) -> list[Check]:
         else:
             how = "by file" if c.backend == "iommufd" else "by vaddr (type1 VADDR update)"
             checks.append(Check(name, True, f"{len(c.mappings)} DMA mapping(s) {how}"))
+    return checks
+
+
+async def check_stock_inventory(vm: Machine, *, required: bool = True) -> list[Check]:
+    """A QEMU without sealvm's series (the stock QEMU a VM comes from on its
+    way into sealvm) cannot say what it keeps: every RAM block it lists must
+    be a memfd it holds, or CPR would lose the block (stock QEMU does not
+    block cpr-exec of anonymous RAM).  Its DMA mappings cannot be seen: a VM
+    with assigned devices is refused when *required*."""
+    assert vm.pid is not None
+    held = {m.name for m in procfs.memfds(vm.pid)}
+    names = await ram_block_names(vm)
+    # guest RAM's memfd is named after the backend's type, aux RAM's after the block
+    lost = [n for n in names
+            if (procfs.BACKEND_MEMFD_NAME if n == RAM_ID else n) not in held]
+    checks = [Check("ram-blocks", not lost,
+                    f"not in a memfd, CPR would lose them: {', '.join(lost)}" if lost else
+                    f"{len(names)} RAM blocks, each in a memfd QEMU holds ({COMMAND} not "
+                    "available: stock QEMU, checked in /proc)")]
+    if vm.spec.vfio:
+        devices = ", ".join(d.id for d in vm.spec.vfio)
+        detail = (f"{COMMAND} not available: this QEMU lacks sealvm's series, so the DMA "
+                  f"mappings of {devices} cannot be checked")
+        checks.append(Check("qemu-inventory", not required,
+                            detail if required else f"(not required) {detail}",
+                            warning=not required))
     return checks
 
 
@@ -400,9 +440,11 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
     """Run every check; raise if any fails (unless *raise_on_failure* is
     False: a dry run that returns every check, failed or not).
 
-    With *require_sealed* False (comparisons with a stock QEMU), unsealed
-    RAM memfds and a missing ``x-query-cpr-memory`` are reported but do not
-    fail the preflight.
+    Aux RAM memfds that a stock QEMU left unsealed pass with a warning
+    (the way into sealvm is an update from stock QEMU).  With
+    *require_sealed* False (comparisons with a stock QEMU), unsealed guest
+    RAM and, for a VM with assigned devices, a missing
+    ``x-query-cpr-memory`` are reported but do not fail the preflight.
 
     :raise PreflightError: listing every failed check (the VM is untouched).
     """
@@ -416,7 +458,7 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
         checks.append(check_ram(vm))
         seals = check_seals(vm)
         checks.append(seals if require_sealed or seals.ok else
-                      Check(seals.name, True, f"(not required) {seals.detail}"))
+                      Check(seals.name, True, f"(not required) {seals.detail}", warning=True))
         checks.append(await check_aux_ram_share(vm))
         checks.extend(await check_inventory(vm, required=require_sealed))
     checks.extend(await check_vfio_devices(vm, mode))

@@ -59,8 +59,9 @@ async def live_update(
     With *heartbeat_interval* (seconds), the guest is the sealvm test guest:
     its serial log is followed and the pause it saw is measured.
     *progress(phase, seconds)* is called as each phase ends.
-    *require_sealed* False lets a stock QEMU (unsealed aux RAM) be updated,
-    for comparisons; sealvm's own QEMU always seals.  With the test guest,
+    A stock QEMU is updated like sealvm's (its unsealed aux RAM is a
+    preflight warning); *require_sealed* False also lets unsealed guest RAM
+    pass, for comparisons; sealvm's own QEMU always seals.  With the test guest,
     the update waits (*verify_pass*) until the guest has verified all of its
     RAM once after the update, and reports the mismatches its own counter
     saw; ``total`` does not include that wait.  *way_back* False makes
