@@ -19,10 +19,11 @@ from qemu.qmp import EventListener, Runstate
 from helpers import assert_guest_intact
 from sealvm import Machine, PreflightError, QMPReplyError, live_update, procfs
 from sealvm.console import ConsoleFollower
-from sealvm.inventory import mismatches_with_proc, parse_inventory, query_inventory
-from sealvm.plan import incoming_argv
+from sealvm.inventory import Inventory, mismatches_with_proc, parse_inventory, query_inventory
+from sealvm.plan import RAM_ID, incoming_argv
 from sealvm.pytest_plugin import GuestChecker, VmLauncher
 from sealvm.spec import DEFAULT_FIRMWARE, VmSpec
+from sealvm.update import UpdateReport
 
 EXPECTED = procfs.RAM_SEALS | procfs.F_SEAL_EXEC
 
@@ -129,16 +130,79 @@ async def test_qemu_runs_with_memfd_noexec_2(
         await vm.shutdown()
 
 
-async def test_update_from_stock_qemu_is_refused(
-    sealvm_launch: VmLauncher, upstream_qemu: Path, qemu_binary: Path
+def unsealed_blocks(inv: Inventory) -> dict[str, int | None]:
+    """RAM blocks whose memfd lacks GROW|SHRINK|SEAL: name -> inode."""
+    return {b.name: b.inode for b in inv.ram_blocks
+            if b.fd_backed and (b.seals or 0) & procfs.RAM_SEALS != procfs.RAM_SEALS}
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def seals_warning(report: UpdateReport) -> str:
+    (seals,) = [c for c in report.checks if c.startswith("ram-seals: ")]
+    assert seals.startswith("ram-seals: warning: aux RAM memfds without GROW|SHRINK|SEAL"), seals
+    return seals
+
+
+@pytest.mark.parametrize("mode", ["cpr-exec", "cpr-transfer"])
+async def test_update_from_stock_qemu_then_from_sealvm(
+    sealvm_launch: VmLauncher, sealvm_check_guest: GuestChecker, upstream_qemu: Path,
+    qemu_binary: Path, mode: str, figures: Callable[[str, str], None]
 ) -> None:
-    """Stock QEMU leaves aux RAM memfds unsealed; a sealvm QEMU would refuse
-    to inherit them after exec, with the guest already gone: preflight says
-    so first."""
+    """The way into sealvm: a VM on stock QEMU 10.2.2 is live-updated to
+    sealvm's QEMU.  Stock QEMU creates its aux RAM memfds unsealable (no
+    MFD_ALLOW_SEALING): sealvm's QEMU inherits them as they are, preflight
+    names them in a warning, and x-query-cpr-memory shows them unsealed.
+    They can never gain seals, so the next update (sealvm -> sealvm) keeps
+    them, unsealed, with the same inodes.  Guest RAM proper was sealed by
+    stock QEMU too (memory-backend-memfd seal=on) and stays sealed."""
     vm = await sealvm_launch(qemu=str(upstream_qemu))
-    with pytest.raises(PreflightError, match=r"ram-seals: .*pc\.bios \(SEAL\)"):
-        await live_update(vm, qemu=qemu_binary)
+    await sealvm_check_guest(vm)
+    assert await query_inventory(vm) is None  # stock QEMU
+    report = await live_update(vm, qemu=qemu_binary, mode=mode)
+    assert "pc.bios (SEAL)" in seals_warning(report)
+    await sealvm_check_guest(vm)
+    assert vm.pid is not None
+    inv = await query_inventory(vm)
+    assert inv is not None, "not sealvm's QEMU after the update"
+    assert not mismatches_with_proc(inv, vm.pid)
+    assert all(b.cpr_compatible for b in inv.ram_blocks), inv
+    unsealed = unsealed_blocks(inv)
+    assert {"pc.bios", "pc.rom", "/rom@etc/acpi/tables"} <= set(unsealed), inv
+    (ram,) = [b for b in inv.ram_blocks if b.name == RAM_ID]
+    assert ram.name not in unsealed and ram.seals is not None, ram
+    section = f"stock 10.2.2 -> sealvm -> sealvm ({mode})"
+    figures(section, f"stock -> sealvm: pause {_ms(report.pause_qmp)}; unsealed: " + ", ".join(
+        f"{b.name} {procfs.seal_names(b.seals or 0)}" for b in inv.ram_blocks
+        if b.name in unsealed) + f"; {RAM_ID} {procfs.seal_names(ram.seals)}")
+
+    report = await live_update(vm, qemu=qemu_binary, mode=mode)  # sealvm -> sealvm
+    assert "pc.bios (SEAL)" in seals_warning(report)
+    await sealvm_check_guest(vm)
+    again = await query_inventory(vm)
+    assert again is not None and not mismatches_with_proc(again, vm.pid)
+    assert unsealed_blocks(again) == unsealed, "the unsealed memfds are kept, not replaced"
+    figures(section, f"sealvm -> sealvm: pause {_ms(report.pause_qmp)}; still unsealed: "
+            f"{len(unsealed)} blocks, same inodes")
+
+
+@pytest.mark.parametrize("mode", ["cpr-exec", "cpr-transfer"])
+async def test_update_from_stock_qemu_with_anonymous_ram_is_refused(
+    sealvm_launch: VmLauncher, sealvm_check_guest: GuestChecker, upstream_qemu: Path,
+    qemu_binary: Path, mode: str
+) -> None:
+    """What CPR would lose is still refused before the guest pauses, on a
+    stock QEMU too (which does not block cpr-exec of anonymous RAM, below):
+    preflight finds guest RAM in no memfd QEMU holds."""
+    vm = await sealvm_launch(qemu=str(upstream_qemu), backend="ram")
+    with pytest.raises(PreflightError) as refused:
+        await live_update(vm, qemu=qemu_binary, mode=mode)
+    assert "ram-blocks: not in a memfd, CPR would lose them: ram0" in str(refused.value)
+    assert "ram: guest RAM is memory-backend-ram" in str(refused.value)
     assert await vm.status() == "running"
+    await sealvm_check_guest(vm)
 
 
 async def test_stock_qemu_loses_anonymous_ram_in_cpr_exec(

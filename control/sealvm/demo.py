@@ -7,8 +7,9 @@ or the guest saw anything wrong.
     python -m sealvm.demo [--updates N] [--memory 1G] [--qemu PATH] [--guest PATH]
                           [--run-dir DIR] [--no-require-sealed]
 
-``--no-require-sealed`` lets preflight pass a stock QEMU (unsealed aux RAM),
-so that the rows show what such a QEMU gets wrong instead of a refusal.
+Against a stock QEMU the update passes preflight (its unsealed aux RAM is a
+warning) and the rows show what such a QEMU gets wrong.  ``--no-require-sealed``
+also lets unsealed guest RAM pass.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest", default=os.environ.get("SEALVM_GUEST"))
     p.add_argument("--run-dir", help="run root for the VM (default: a temporary directory)")
     p.add_argument("--no-require-sealed", dest="require_sealed", action="store_false",
-                   help="let preflight pass unsealed aux RAM (a stock QEMU): the rows say "
-                        "what is off")
+                   help="let preflight pass unsealed guest RAM (comparisons with a stock "
+                        "QEMU): the rows say what is off")
     args = p.parse_args(argv)
     if not args.qemu or not args.guest:
         p.error("need --qemu and --guest (or $SEALVM_QEMU, $SEALVM_GUEST: `make demo` sets them)")
