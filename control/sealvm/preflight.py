@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,6 +232,36 @@ def check_nics(vm: Machine) -> list[Check]:
             checks.append(Check(name, True, f"{n.id}: tap {ifname} (QEMU fd {number}) handed "
                                 "over by fd, no vnet header"))
     return checks
+
+
+TUN_RDEV = os.makedev(10, 200)  # /dev/net/tun
+
+
+def check_foreign_taps(vm: Machine) -> Check:
+    """A tap QEMU opened itself (``-netdev tap,ifname=...`` in extra_args, a
+    script's netdev_add) cannot be handed over: QEMU 10.2's tap fd is not
+    close-on-exec, and the new QEMU (or the old one, going back) opens the
+    same name again and gets EBUSY.  Only the taps sealvm passed can."""
+    assert vm.state is not None
+    passed = set(vm.state.fd_plan().taps.values())
+    foreign = []
+    for number, st in procfs.open_files(vm.state.pid):
+        if number in passed or not stat.S_ISCHR(st.st_mode) or st.st_rdev != TUN_RDEV:
+            continue
+        name = "?"
+        with contextlib.suppress(OSError):
+            fd = pidfd_getfd(vm.state.pid, number)
+            try:
+                name = net.tap_info(fd)[0]
+            finally:
+                os.close(fd)
+        foreign.append(f"{name} (QEMU fd {number})")
+    if foreign:
+        return Check("taps", False, "QEMU opened tap " + ", ".join(foreign) + " itself "
+                     "(-netdev tap by name?): a new QEMU cannot open it again (EBUSY), nor "
+                     "can the old one on the way back; give the NIC as [[net]] in the spec, "
+                     "whose tap sealvm passes and hands over")
+    return Check("taps", True, "every tap QEMU holds is one sealvm passed")
 
 
 def check_disks(vm: Machine) -> list[Check]:
@@ -463,6 +494,7 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
         checks.extend(await check_inventory(vm, required=require_sealed))
     checks.extend(await check_vfio_devices(vm, mode))
     checks.extend(check_nics(vm))
+    checks.append(check_foreign_taps(vm))
     checks.extend(check_disks(vm))
     checks.append(await check_binary(vm, qemu))
     if mode == "cpr-exec":
