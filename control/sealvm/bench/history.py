@@ -169,6 +169,8 @@ def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
         lines.append("ratios (p50, p95):")
         for name, r in ratios_last.items():
             o = ratios_prev.get(name) or {}
+            if all(d.get(s) is None for d in (o, r) for s in ("p50", "p95")):
+                continue  # measured in neither run
             lines.append(f"  {name:<58} p50 {_ratio(o.get('p50'))} -> {_ratio(r.get('p50'))}"
                          f"   p95 {_ratio(o.get('p95'))} -> {_ratio(r.get('p95'))}")
     return lines

@@ -176,6 +176,8 @@ def ratio_lines(r: dict[str, dict[str, float | None]]) -> list[str]:
     lines = ["ratios, on p50 and p95 (goal in brackets, met only if both meet it):"]
     for k, v in r.items():
         goal = GOALS.get(k)
+        if goal is None and all(v.get(s) is None for s in STATS):
+            continue  # not a goal, and this run did not measure it
         line = f"  {k:<58} p50 {fmt(v.get('p50')):>7}  p95 {fmt(v.get('p95')):>7}"
         if goal is not None:
             line += f"  [<= {goal}]  {verdict(v, goal)}"
