@@ -20,7 +20,7 @@ LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
 	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
-	soak demo bench bench-endpoint \
+	soak demo bench bench-compare bench-endpoint \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -116,12 +116,18 @@ ENDPOINT_AB_ARGS ?=
 bench-endpoint: deps qemu guest
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.endpoint_ab $(ENDPOINT_AB_ARGS)
 
-# Benchmarks are not tests: one run, side by side, ratios printed last.
+# Benchmarks are not tests: one run, side by side, ratios printed last.  Each
+# run writes its dated table to $(BENCH_OUT) and appends to its history.jsonl.
 BENCH_ARGS ?=
+BENCH_OUT ?= bench-results
 bench: deps qemu qemu-upstream guest
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
-		$(PY) -m sealvm.bench --out bench-results $(BENCH_ARGS)
+		$(PY) -m sealvm.bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# Each p50/p95 of the last `make bench` against the run before it (no VM runs).
+bench-compare: venv
+	$(PY) -m sealvm.bench --compare --out $(BENCH_OUT)
 
 # Part 1: the test guest, RAM and seals through updates; part 2: an operator's
 # VM, the Linux guest with TCP, UDP and its disk writer (tests/linux/demo.py).

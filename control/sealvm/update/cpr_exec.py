@@ -124,6 +124,7 @@ async def run(ctx: UpdateContext) -> None:
                 raise LaunchError("new QEMU died after loading the device state")
             journal.record("resuming")
             resume_ts = await resume(vm.qmp, deadline=ctx.deadline)
+            report.resumed_at = resume_ts
             if stop_ts is not None:
                 report.pause_qmp = resume_ts - stop_ts
             clock.mark("resume")

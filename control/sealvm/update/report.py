@@ -47,6 +47,9 @@ class UpdateReport:
     #: STOP -> RESUME, from QEMU's QMP event timestamps (seconds); None for
     #: a paused guest (nothing to measure)
     pause_qmp: float | None = None
+    #: QEMU's RESUME event timestamp (wall clock, seconds since the epoch);
+    #: None when the guest was not resumed
+    resumed_at: float | None = None
     #: largest heartbeat gap minus the heartbeat interval (seconds).
     pause_guest: float | None = None
     heartbeat_continuous: bool | None = None

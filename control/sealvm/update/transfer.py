@@ -250,6 +250,7 @@ async def _switch(ctx: UpdateContext, succ: _Successor, channels: list[dict[str,
             journal.record("resuming")
             try:
                 resume_ts = await resume(new, deadline=ctx.deadline)
+                report.resumed_at = resume_ts
             except QMPReplyError as exc:  # refused: the guest did not run there
                 raise _RollBack(f"new QEMU did not resume the guest: {exc}") from exc
             except (SealvmError, TimeoutError) as exc:  # it may have run there

@@ -1,0 +1,196 @@
+"""The bench's pure logic: its one statistic, its usage errors, its table
+with missing values, and the history it appends to and compares."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from sealvm.bench import args, history, report
+from sealvm.bench.__main__ import main
+from sealvm.bench.run import Point, Sample
+from sealvm.bench.stats import Dist, percentile, summarize
+from sealvm.update import UpdateReport
+
+# ---- stats: nearest rank
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(20, 0, -1)]  # 20 .. 1, unsorted on purpose
+    assert percentile(values, 50) == 10.0  # the lower middle value, not 10.5
+    assert percentile(values, 95) == 19.0  # ceil(0.95 * 20) = 19th
+    assert percentile(values, 100) == 20.0
+    assert percentile(values, 1) == 1.0
+    assert percentile([7.0], 50) == percentile([7.0], 95) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == 5.0  # ceil(4.75) = 5th
+
+
+@pytest.mark.parametrize("values,q", [([], 50), ([1.0], 0), ([1.0], 101)])
+def test_percentile_refuses(values: list[float], q: float) -> None:
+    with pytest.raises(ValueError):
+        percentile(values, q)
+
+
+def test_summarize_counts_missing_values() -> None:
+    d = summarize([0.03, None, 0.01, 0.02, None])
+    assert d == Dist(n=5, n_ok=3, p50=0.02, p95=0.03, max=0.03)
+    assert d.missing == 2
+    assert summarize([None, None]) == Dist(2, 0, None, None, None)
+    assert summarize([]) == Dist(0, 0, None, None, None)
+    assert Dist.from_dict(d.to_dict()) == d
+
+
+# ---- usage errors
+
+
+@pytest.fixture
+def binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    for var in ("SEALVM_QEMU", "SEALVM_QEMU_UPSTREAM", "SEALVM_GUEST"):
+        monkeypatch.delenv(var, raising=False)
+    for name in ("qemu", "upstream", "guest"):
+        (tmp_path / name).write_text("")
+    return ["--qemu", str(tmp_path / "qemu"), "--qemu-upstream", str(tmp_path / "upstream"),
+            "--guest", str(tmp_path / "guest")]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--hugetlb-sizes", ""], "--hugetlb-sizes"),
+    (["--hugetlb-sizes", "1G,"], "--hugetlb-sizes"),
+    (["--hugetlb-sizes", "3M"], "--hugetlb-sizes"),
+    (["--sizes", "0"], "--sizes"),
+    (["--sizes", ""], "--sizes"),
+    (["--sizes", "1G,1G"], "--sizes"),
+    (["--sizes", "8M"], "--sizes"),
+    (["--sizes", "lots"], "--sizes"),
+    (["--updates", "0"], "--updates"),
+    (["--updates", "-3"], "--updates"),
+    (["--updates", "many"], "--updates"),
+    (["--modes", "sealvm-exec,warp"], "--modes"),
+    (["--modes", ""], "--modes"),
+    (["--modes", "classic,classic"], "--modes"),
+    (["--vms", "some"], "--vms"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v) or "empty")
+def test_bad_argument_is_a_usage_error(argv: list[str], named: str, binaries: list[str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        args.parse(binaries + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and named in err.splitlines()[-1], err
+
+
+def test_missing_binary_is_a_usage_error(binaries: list[str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        args.parse(binaries[2:])  # no --qemu
+    assert exc.value.code == 2
+    assert "--qemu missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        args.parse([*binaries[:2], binaries[2], "/nonexistent/qemu", *binaries[4:]])
+    assert exc.value.code == 2
+    assert "--qemu-upstream: /nonexistent/qemu" in capsys.readouterr().err
+
+
+def test_good_arguments(binaries: list[str]) -> None:
+    cfg = args.parse([*binaries, "--sizes", "512M,256M", "--modes",
+                      "sealvm-exec,sealvm-exec-2M", "--hugetlb-sizes", "1G"])
+    assert cfg.updates == args.DEFAULT_UPDATES >= 20
+    assert cfg.all_sizes() == [256 << 20, 512 << 20, 1 << 30]
+    assert cfg.modes_at(1 << 30) == ["sealvm-exec-2M"]
+    assert cfg.modes_at(256 << 20) == ["sealvm-exec"]
+    # no upstream mode: no upstream binary needed
+    cfg = args.parse([*binaries[:2], *binaries[4:], "--modes", "sealvm-transfer"])
+    assert cfg.qemu_upstream is None
+
+
+# ---- the table and goals
+
+
+def _report(guest: float | None, qmp: float | None) -> UpdateReport:
+    return UpdateReport(mode="cpr-exec", qemu_before="q", qemu_after="q", pid_before=1,
+                        pid_after=1, ram_before=[], ram_after=[], pause_guest=guest,
+                        pause_qmp=qmp, phases={"exec": 0.03}, total=0.1)
+
+
+def test_table_shows_missing_values_and_failures() -> None:
+    p = Point("sealvm-exec", 256 << 20, "together")
+    p.samples = [Sample(0, _report(0.04, 0.03), resident=256 << 20, mapped=128 << 20,
+                        teardown=0.01, total=0.12),
+                 Sample(1, _report(0.05, None), teardown=None, total=None),
+                 Sample(2, error="UpdateError: boom")]
+    f = report.figures(p)
+    assert f["pause_guest"] == Dist(3, 2, 0.04, 0.05, 0.05)
+    assert f["pause_qmp"] == Dist(3, 1, 0.03, 0.03, 0.03)
+    text = "\n".join(report.table([p]))
+    assert "2/3" in text  # two updates of three gave a report
+    assert "30.0/30.0/30.0 [1/3]" in text  # QMP pause: one value of three
+    assert "10.0/10.0/10.0 [1/3]" in text  # teardown
+    assert "exec=30.0/30.0 [2/3]" in text
+    q = Point("upstream-exec", 256 << 20, "together", [Sample(0, _report(0.2, 0.19), total=0.3)])
+    assert report.figures(q)["teardown"] is None
+    assert "in exec" in "\n".join(report.table([q]))
+
+
+def test_goals_are_judged_on_p50_and_p95() -> None:
+    assert report.verdict({"p50": 0.2, "p95": 0.29}, 0.3) == "ok"
+    assert report.verdict({"p50": 0.2, "p95": 0.31}, 0.3) == "MISSED (p95)"
+    assert report.verdict({"p50": 0.4, "p95": 0.5}, 0.3) == "MISSED (p50, p95)"
+    assert report.verdict({"p50": None, "p95": None}, 0.3) == "not measured"
+    assert report.verdict({"p50": 0.1, "p95": None}, 0.3) == "ok on p50 only"
+
+
+# ---- history
+
+
+def _entry(date: str, guest_p50: float, guest_p95: float) -> dict[str, object]:
+    fig = {"n": 20, "n_ok": 20, "p50": guest_p50, "p95": guest_p95, "max": guest_p95}
+    return {"date": date, "commit": "abc", "load_start": [1.0, 1.0, 1.0],
+            "load_end": [1.5, 1.0, 1.0], "machine": {"nproc": 2}, "args": {"updates": 20},
+            "points": [{"mode": "sealvm-exec", "size": 1 << 30,
+                        "figures": {"pause_guest": fig, "teardown": None}}],
+            "ratios": {"sealvm/upstream cpr-exec pause at 8G": {"p50": 0.3, "p95": 0.4}}}
+
+
+def test_history_appends_and_compares(tmp_path: Path) -> None:
+    assert history.compare_last(tmp_path)[0] == 1  # nothing to compare yet
+    history.append(tmp_path, _entry("2026-11-30T08:00:00+00:00", 0.040, 0.050))
+    status, lines = history.compare_last(tmp_path)
+    assert status == 1 and "1 run(s)" in lines[0]
+    with open(tmp_path / history.HISTORY, "a") as f:
+        f.write('{"date": "a run killed mid-wri\n')
+    history.append(tmp_path, _entry("2026-11-30T09:00:00+00:00", 0.044, 0.040))
+    runs = history.load(tmp_path)
+    assert [r["date"] for r in runs] == ["2026-11-30T08:00:00+00:00",
+                                         "2026-11-30T09:00:00+00:00"]
+    status, lines = history.compare_last(tmp_path)
+    assert status == 0
+    row = next(line for line in lines if "pause_guest" in line)
+    assert "40.0 -> 44.0 (+10%)" in row and "50.0 -> 40.0 (-20%)" in row
+    assert any("p50 0.300 -> 0.300" in line for line in lines)
+
+
+def test_dated_table_names_do_not_overwrite(tmp_path: Path) -> None:
+    when = datetime(2026, 11, 30, 8, 5, tzinfo=UTC)
+    assert history.table_stem(when, tmp_path) == "bench-2026-11-30T0805"
+    (tmp_path / "bench-2026-11-30T0805.json").write_text("{}")
+    assert history.table_stem(when, tmp_path) == "bench-2026-11-30T0805-2"
+
+
+def test_machine_record(tmp_path: Path) -> None:
+    binary = tmp_path / "qemu" / "sealvm-22e58152bd23ab1c" / "build" / "qemu-system-x86_64"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    m = history.machine({"sealvm": binary, "upstream": None})
+    assert m["qemu"] == {"sealvm": "sealvm-22e58152bd23ab1c", "upstream": None}
+    assert m["nproc"] and m["mem_total"] and m["kernel"]
+    json.dumps(m)
+
+
+def test_compare_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    history.append(tmp_path, _entry("2026-11-30T08:00:00+00:00", 0.040, 0.050))
+    history.append(tmp_path, _entry("2026-11-30T09:00:00+00:00", 0.040, 0.050))
+    assert main(["--compare", "--out", str(tmp_path)]) == 0
+    assert "40.0 -> 40.0 (+0%)" in capsys.readouterr().out
