@@ -86,3 +86,16 @@ async def test_update_to_missing_binary_is_refused(
     with pytest.raises(PreflightError, match="does not exist"):
         await sealvm_update(sealvm_vm, qemu=tmp_path / "nope")
     assert await sealvm_vm.status() == "running"
+
+
+async def test_update_follows_a_serial_log_set_in_the_spec(
+    sealvm_launch: VmLauncher, sealvm_update: Updater, tmp_path: Path
+) -> None:
+    """A spec's serial_log moves the console out of the run directory; the
+    update follows the heartbeat there (it looked in the run directory and
+    failed with FileNotFoundError)."""
+    log = tmp_path / "console.log"
+    vm = await sealvm_launch(serial_log=str(log))
+    assert log.exists() and not vm.paths.serial.exists()
+    report = await sealvm_update(vm, "cpr-transfer", heartbeat_interval=0.01)
+    assert report.heartbeat_continuous and report.pause_guest is not None

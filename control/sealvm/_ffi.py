@@ -1,6 +1,7 @@
 """
 cffi bindings to the few Linux system calls the standard library lacks
-(inotify, pidfd_getfd), and the struct-layout check the ioctl bindings share.
+(inotify, pidfd_getfd, unshare, mount), and the struct-layout check the
+ioctl bindings share.
 
 ABI mode against the C library already loaded into the process: no compiler
 is needed at install time.  What the standard library has is used from it:
@@ -20,6 +21,9 @@ ffi.cdef(
     int inotify_init1(int flags);
     int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
     long syscall(long number, ...);
+    int unshare(int flags);
+    int mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const void *data);
     """
 )
 _libc = ffi.dlopen(None)
@@ -46,6 +50,25 @@ def inotify_init1(flags: int) -> int:
 
 def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask))
+
+
+# <sched.h>, <sys/mount.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+
+def unshare_raw(flags: int) -> int:
+    """unshare(2): 0, or the errno.  Python 3.11's os module lacks it."""
+    return 0 if _libc.unshare(flags) == 0 else int(ffi.errno)
+
+
+def mount_raw(target: str, flags: int) -> int:
+    """mount(2) without source, type or data (a propagation change): 0, or
+    the errno."""
+    ret = _libc.mount(ffi.NULL, os.fsencode(target), ffi.NULL, flags, ffi.NULL)
+    return 0 if ret == 0 else int(ffi.errno)
 
 
 #: asm-generic/unistd.h, the same number on every architecture

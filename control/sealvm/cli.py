@@ -21,10 +21,12 @@ sealvm: the command line for VM operators and scripts.
                                  the VM's endpoint instead: see `status VM`)
     endpoint VM                  (re)start the VM's QMP endpoint for scripts
                                  if it is down (QEMU reconnects to it)
-    host-check [--require NAME,...]
+    host-check [--require NAME,...] [--qemu PATH] [--vm-user USER]...
                                  what this host can do (memfd seals, noexec,
-                                 iommufd, type1 VADDR); exit 10 if a probe
-                                 named in --require fails
+                                 iommufd, type1 VADDR; for an unprivileged
+                                 QEMU: seccomp, user and mount namespaces,
+                                 QEMU's -sandbox with --qemu, each VM user);
+                                 exit 10 if a probe named in --require fails
 
 Every verb takes --json: one JSON object on stdout (errors too).  Verbs that
 change a VM (up, update, recover, pause, resume, down, qmp, endpoint) hold
@@ -70,7 +72,7 @@ from .errors import (
     StateError,
     UpdateError,
 )
-from .host import PROBES, host_check
+from .host import PARAMETRIC_PROBES, PROBES, host_check
 from .lock import VmLock
 from .machine import (
     Machine,
@@ -398,11 +400,12 @@ def _json_args(value: str) -> dict[str, Any]:
 def _probe_names(value: str) -> list[str]:
     """argparse type of --require: known probe names, else a usage error."""
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PROBES]
+    valid = [*PROBES, *PARAMETRIC_PROBES]
+    unknown = [n for n in names if n not in valid]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown capability {', '.join(unknown) or repr(value)}; "
-            f"valid names: {', '.join(PROBES)}")
+            f"valid names: {', '.join(valid)}")
     return names
 
 
@@ -415,8 +418,9 @@ async def cmd_qmp(args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_host_check(args: argparse.Namespace, out: Output) -> int:
-    probes = host_check()
-    missing = [p.name for p in probes if p.name in args.require and not p.ok]
+    probes = host_check(qemu=args.qemu, vm_users=tuple(args.vm_user))
+    missing = list(dict.fromkeys(p.name for p in probes
+                                 if p.name in args.require and not p.ok))
     text = "\n".join(f"{'ok ' if p.ok else 'NO '} {p.name:<20} {p.detail}" for p in probes)
     if missing:
         text += f"\nhost-check: this host lacks {', '.join(missing)}"
@@ -500,12 +504,24 @@ def parser() -> argparse.ArgumentParser:
     hc = sub.add_parser("host-check", parents=[common], help="probe this host's capabilities")
     hc.add_argument("--require", type=_probe_names, action="extend", default=[],
                     metavar="NAME,...",
-                    help=f"exit 10 unless these probes pass ({', '.join(PROBES)})")
+                    help="exit 10 unless these probes pass "
+                    f"({', '.join([*PROBES, *PARAMETRIC_PROBES])})")
+    hc.add_argument("--qemu", type=Path, metavar="PATH",
+                    help="also start this QEMU under -sandbox (probe qemu-sandbox) and "
+                    "check each --vm-user can run it")
+    hc.add_argument("--vm-user", action="append", default=[], metavar="NAME|UID:GID",
+                    help="a user QEMU would run as: exists, not root (probe vm-user)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.verb == "host-check":
+        if "qemu-sandbox" in args.require and args.qemu is None:
+            p.error("--require qemu-sandbox needs --qemu PATH")
+        if "vm-user" in args.require and not args.vm_user:
+            p.error("--require vm-user needs --vm-user NAME")
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
     out = Output(args.json)

@@ -142,7 +142,8 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
             follower = None
             first = 0
             if heartbeat_interval is not None and was_running:
-                follower = await stack.enter_async_context(ConsoleFollower(vm.paths.serial))
+                follower = await stack.enter_async_context(
+                    ConsoleFollower(vm.spec.serial_log or vm.paths.serial))
                 await follower.wait_heartbeats(2, timeout)
                 first = len(follower.log.heartbeats) - 1
             try:

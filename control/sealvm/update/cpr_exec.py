@@ -77,7 +77,16 @@ async def run(ctx: UpdateContext) -> None:
     with old.listen(listener):
         dropped = asyncio.ensure_future(wait_disconnected(old))
         try:
-            await vm.execute("migrate", {"uri": uri})
+            try:
+                await vm.execute("migrate", {"uri": uri})
+            except QMPReplyError as exc:
+                # refused before anything stopped or was saved (e.g. a QEMU
+                # that runs as another user cannot create the state file)
+                if keeper is not None:
+                    await keeper.release()
+                journal.end("rolled-back", error=str(exc))
+                raise UpdateError(f"cpr-exec not started: the old QEMU refused "
+                                  f"migrate: {exc}", rolled_back=True) from exc
             journal.fault("migrate-sent")
             # STOP, MIGRATION completed, then exec drops the connection.
             # Events in flight at exec may be lost: the drop itself says the
