@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecInterruptedError, QMPClient, QMPError
-from qemu.qmp.qmp_client import ExecuteError
+from qemu.qmp.qmp_client import ExecuteError, GreetingError
 
 from . import endpoint, net, procfs
 from .errors import InterruptedUpdateError, LaunchError, QMPReplyError, StateError
@@ -560,13 +560,41 @@ def cleanup_run_files(paths: RunPaths) -> None:
             p.unlink()
 
 
+def _message_before_greeting(exc: BaseException | None) -> bool:
+    """Whether a connection failed because QEMU sent something else before
+    its greeting.  QEMU resets a QMP monitor's negotiation only when the
+    next client connects, so an event emitted after one client went away
+    (a killed controller's MIGRATION "failed") can reach the next client
+    ahead of the greeting; that client may simply connect again."""
+    return isinstance(exc, GreetingError) or isinstance(getattr(exc, "exc", None),
+                                                        GreetingError)
+
+
 async def connect_qmp(path: Path, *, name: str, timeout: float,
                       process: QemuProcess | None = None) -> QMPClient:
     """A QMP client connected to *path*, racing *process*'s exit if given.
+    A stale message ahead of QEMU's greeting (`_message_before_greeting`)
+    is not a failure: it connects again, twice at most.
 
     :raise LaunchError: when the process exits first, the connection is
         refused, or nothing answers in *timeout*.
     """
+    deadline = time.monotonic() + timeout
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _connect_qmp_once(path, name=name, process=process,
+                                           timeout=max(0.1, deadline - time.monotonic()))
+        except LaunchError as exc:
+            if attempt == attempts or not _message_before_greeting(exc.__cause__):
+                raise
+            log.warning("%s: QEMU sent a stale message before its greeting (%s); "
+                        "connecting again", path, exc.__cause__)
+    raise AssertionError("not reached")
+
+
+async def _connect_qmp_once(path: Path, *, name: str, timeout: float,
+                            process: QemuProcess | None) -> QMPClient:
     qmp = QMPClient(name)
     connect = asyncio.ensure_future(qmp.connect(str(path)))
     waits: set[asyncio.Future[Any]] = {connect}
