@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_guest_intact
-from sealvm import Machine, PreflightError, live_update
+from sealvm import Machine, PreflightError, live_update, procfs
 from sealvm.console import ConsoleFollower
 from sealvm.pytest_plugin import GuestChecker, VmLauncher
 
@@ -30,20 +30,7 @@ HOLDER = "cpr-exec-hold"
 
 def children(pid: int) -> list[tuple[int, str, str]]:
     """(pid, comm, state) of every child process of *pid*."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append((int(entry), comm, fields[0]))
-    return found
+    return [(c.pid, c.comm, c.state) for c in procfs.children(pid)]
 
 
 def holders(pid: int) -> list[tuple[int, str, str]]:

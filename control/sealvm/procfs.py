@@ -8,10 +8,12 @@ verify a live update (same inodes before and after) and by tests.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 F_SEAL_SEAL = 0x0001
 F_SEAL_SHRINK = 0x0002
@@ -113,6 +115,31 @@ def memfds(pid: int) -> list[Memfd]:
             )
         )
     return sorted(found, key=lambda m: m.fd)
+
+
+@dataclass(frozen=True)
+class Child:
+    """A child process: its pid, command name (comm) and state letter
+    (``Z`` for a zombie not yet reaped)."""
+
+    pid: int
+    comm: str
+    state: str
+
+
+def children(pid: int) -> list[Child]:
+    """The children of *pid*, zombies included (/proc/PID/task/*/children);
+    [] when *pid* is gone."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for child in map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split()):
+                    with contextlib.suppress(OSError):
+                        text = Path(f"/proc/{child}/stat").read_text()
+                        found.append(Child(child, text[text.index("(") + 1:text.rindex(")")],
+                                           text.rsplit(")", 1)[1].split()[0]))
+    return found
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -74,20 +74,16 @@ def op(run_root: Path, tmp_path: Path, qemu_binary: Path, guest_image: Path) -> 
     # a case that left a QEMU of this VM behind fails in run_root's teardown
 
 
-def ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-async def holders_gone(pid: int, run_root: Path) -> None:
+async def holders_gone(pid: int) -> None:
     """cpr-exec's address-space holder (a CLONE_VM child of QEMU, patch 20)
     lives until the guest runs again, or 10 s when it stays paused."""
-    for other in qemus_mentioning(str(run_root)):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            if ppid(other) == pid:
-                proc = QemuProcess(other)
-                assert await proc.wait_exit(15), f"holder {other} of QEMU {pid} stays"
-                proc.close()
+    for child in procfs.children(pid):
+        if child.comm != "cpr-exec-hold":
+            continue
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone meanwhile
+            proc = QemuProcess(child.pid)
+            assert await proc.wait_exit(15), f"holder {child.pid} of QEMU {pid} stays"
+            proc.close()
 
 
 def ram_inodes(pid: int) -> dict[str, int]:
@@ -107,7 +103,7 @@ async def verify(op: Operator, *, case: str, update: str, recover: str,
     """Exactly one QEMU with the guest; its memory intact through a full pass."""
     state = read_state(op.paths)
     assert state is not None and state.alive(), "no live QEMU recorded for the VM"
-    await holders_gone(state.pid, op.run_root)
+    await holders_gone(state.pid)
     assert qemus_mentioning(str(op.run_root)) == [state.pid], "not exactly one QEMU"
     left = leftovers(op.paths)
     guest = op.guest()

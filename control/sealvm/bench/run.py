@@ -26,7 +26,6 @@ teardown (`HolderWatch`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import select
@@ -130,15 +129,8 @@ def ram_touched(pid: int) -> tuple[int, int]:
 def holder_of(pid: int) -> int | None:
     """The pid of patch 20's address-space holder, a child of QEMU *pid*
     named ``cpr-exec-hold``; the newest if there are several."""
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-                for child in map(int, children):
-                    with contextlib.suppress(OSError):
-                        if Path(f"/proc/{child}/comm").read_text().strip() == HOLDER_COMM:
-                            found.append((procfs.start_time(child) or 0, child))
+    found = [(procfs.start_time(c.pid) or 0, c.pid) for c in procfs.children(pid)
+             if c.comm == HOLDER_COMM]
     return max(found)[1] if found else None
 
 
