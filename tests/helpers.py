@@ -61,6 +61,21 @@ def corrupt_guest_word(vm: Machine, gpa: int) -> None:
         os.close(fd)
 
 
+#: what a Python script run as a QEMU needs in QEMU's view: the venv and the
+#: installation its interpreter comes from
+PYTHON_VIEW = sorted({sys.prefix, sys.base_prefix})
+
+
+def script_view(tmp: Path) -> dict[str, object]:
+    """``security`` for a VM whose update target is a Python script in
+    *tmp* (`failing_qemu`): the directory and the interpreter's
+    installation in QEMU's view (`sealvm.confine`), *tmp* made reachable
+    for the VM's user.  *tmp* must hold no run root: a view's directory
+    shows what is below it with the host's modes."""
+    os.chmod(tmp, 0o755)
+    return {"exec_paths": [str(tmp), *PYTHON_VIEW]}
+
+
 def failing_qemu(tmp: Path, real: Path, how: str) -> Path:
     """A QEMU 'upgrade' that answers preflight (--version, -machine help)
     like *real* but then fails: ``start`` exits at once, ``load`` starts

@@ -174,7 +174,10 @@ async def test_holder_keeps_no_fd_across_exec(
     see NOTES.md: without a delay the holder wins the race here)."""
     wrapper, out = probe_qemu
     port = _free_port()
-    vm = await sealvm_launch(extra_args=[
+    # unconfined: the listening socket must be on the host's network (a
+    # confined QEMU has its own, with no interface up), and the probe is a
+    # shell script (a confined QEMU can exec nothing from /usr/bin)
+    vm = await sealvm_launch(security={"confine": False}, extra_args=[
         "-chardev", f"socket,id=lsn0,host=127.0.0.1,port={port},server=on,wait=off"])
     await live_update(vm, qemu=wrapper, mode="cpr-exec")
     assert out.read_text().strip() == "1", (
@@ -241,7 +244,9 @@ async def test_tap_opened_by_qemu_is_refused_before_the_pause(
     new image (and the old one, on the way back) gets EBUSY opening it
     again and the guest would be lost.  Preflight refuses, naming it."""
     tap = f"svh{os.getpid() % 100000}"
-    vm = await sealvm_launch(extra_args=[
+    # unconfined: a confined QEMU cannot open a tap by name at all (no
+    # /dev/net/tun in its view, no CAP_NET_ADMIN)
+    vm = await sealvm_launch(security={"confine": False}, extra_args=[
         "-netdev", f"tap,id=hn0,ifname={tap},script=no,downscript=no",
         "-device", "virtio-net-pci,netdev=hn0,romfile="])
     for mode in ("cpr-exec", "cpr-transfer"):

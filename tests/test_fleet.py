@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from helpers import failing_qemu, qemus_mentioning
+from helpers import PYTHON_VIEW, failing_qemu, qemus_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL = REPO / "control"
@@ -152,7 +152,10 @@ def fleet(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[Flee
     new.mkdir()
     target = new / "qemu-system-x86_64"
     shutil.copy2(qemu_binary, target)
-    bad = failing_qemu(tmp_path, qemu_binary, "start")
+    (tmp_path / "bad").mkdir(mode=0o755)
+    bad = failing_qemu(tmp_path / "bad", qemu_binary, "start")
+    # both targets in the VMs' view, for cpr-exec (bad is a Python script)
+    view = json.dumps([str(new), str(bad.parent), *PYTHON_VIEW])
     inventory["all"]["vars"]["sealvm_target_qemu"] = str(target)
     for host, vms in LAYOUT.items():
         root = roots[host] = tmp_path / host / "run"
@@ -162,7 +165,8 @@ def fleet(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[Flee
             spec = tmp_path / host / f"{vm}.toml"
             spec.write_text(f'name = "{vm}"\nqemu = "{qemu_binary}"\n'
                             f'[memory]\nsize = "64M"\nbackend = "{backend}"\n'
-                            f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+                            f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n'
+                            f'[security]\nexec_paths = {view}\n')
             specs.append(str(spec))
         inventory["all"]["hosts"][host] = {"sealvm_run_dir": str(root), "sealvm_specs": specs}
     inventory["all"]["hosts"]["host1"]["sealvm_mode"] = "transfer"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import sealvm
+from helpers import PYTHON_VIEW
 from sealvm import Machine, procfs
 from sealvm.pytest_plugin import GuestChecker, SealvmConfig
 
@@ -148,16 +149,25 @@ def test_update_to_is_the_binary_installed(sealvm_config: SealvmConfig,
     """--sealvm-update-to is what sealvm_update installs, in both modes: a
     wrapper that records each start and runs the real QEMU; a path that
     does not exist fails the test (not a skip)."""
-    calls = tmp_path / "calls"
-    wrapper = tmp_path / "qemu-under-test"
-    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
-                       f'exec {sealvm_config.require_qemu()} "$@"\n')
+    # a Python script, in QEMU's view (its directory, as the build under
+    # test's; --sealvm-exec-path: its interpreter and the QEMU it runs); it
+    # writes each start to its stderr, QEMU's log
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(mode=0o755)
+    wrapper = bin_dir / "qemu-under-test"
+    qemu = sealvm_config.require_qemu()
+    wrapper.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                       "print('qemu-under-test:', *sys.argv[1:], file=sys.stderr, flush=True)\n"
+                       f"os.execv({str(qemu)!r}, [{str(qemu)!r}, *sys.argv[1:]])\n")
     wrapper.chmod(0o755)
     args = [a for a in options(sealvm_config) if not a.startswith("--sealvm-update-to")]
+    args += [f"--sealvm-exec-path={p}" for p in (*PYTHON_VIEW, qemu.parent)]
     run = run_pytest(tmp_path, f"{EXAMPLE}::test_update_keeps_the_guest",
                      *args, f"--sealvm-update-to={wrapper}")
     assert run.returncode == 0 and run.passed == 2, run.output
-    started = [line for line in calls.read_text().splitlines() if "-incoming" in line]
+    started = [line for log in (tmp_path / "basetemp").rglob("qemu.log")
+               for line in log.read_text().splitlines()
+               if line.startswith("qemu-under-test:") and "-incoming" in line]
     assert len(started) == 2, f"the build under test started {len(started)} times, not 2"
     run = run_pytest(tmp_path, f"{EXAMPLE}::test_update_keeps_the_guest[cpr-exec]",
                      *args, f"--sealvm-update-to={tmp_path / 'no-such-qemu'}")

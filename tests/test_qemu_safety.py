@@ -113,7 +113,9 @@ def _qemu_child(pid: int) -> int:
 async def test_qemu_runs_with_memfd_noexec_2(
     make_spec: Callable[..., VmSpec], run_root: Path, noexec_qemu: Path
 ) -> None:
-    vm = Machine(make_spec(qemu=str(noexec_qemu)), run_root=run_root)
+    # unconfined: the wrapper makes a pid namespace and sets its sysctl as root
+    vm = Machine(make_spec(qemu=str(noexec_qemu), security={"confine": False}),
+                 run_root=run_root)
     await vm.launch()
     try:
         async with ConsoleFollower(vm.paths.serial) as con:
@@ -158,7 +160,9 @@ async def test_update_from_stock_qemu_then_from_sealvm(
     They can never gain seals, so the next update (sealvm -> sealvm) keeps
     them, unsealed, with the same inodes.  Guest RAM proper was sealed by
     stock QEMU too (memory-backend-memfd seal=on) and stays sealed."""
-    vm = await sealvm_launch(qemu=str(upstream_qemu))
+    # cpr-exec runs sealvm's binary from the stock QEMU's view
+    vm = await sealvm_launch(qemu=str(upstream_qemu),
+                             security={"exec_paths": [str(qemu_binary.parent)]})
     await sealvm_check_guest(vm)
     assert await query_inventory(vm) is None  # stock QEMU
     report = await live_update(vm, qemu=qemu_binary, mode=mode)

@@ -65,4 +65,4 @@ def test_readme_example_runs(sealvm_config: SealvmConfig, run_root: Path,
     assert "'preflight':" in phases and "'exec':" in phases, p.stdout
     # and the VM ran where the script said, and was shut down (run_root's
     # leak check: no QEMU, socket or state file left)
-    assert (run_root / "demo" / "serial.log").stat().st_size > 0
+    assert (run_root / "demo" / "qemu" / "serial.log").stat().st_size > 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import backend_memfd, failing_qemu
+from helpers import backend_memfd, failing_qemu, script_view
 from sealvm import Machine, UpdateError, procfs
-from sealvm.pytest_plugin import GuestChecker, Updater
+from sealvm.pytest_plugin import GuestChecker, Updater, VmLauncher
 
 
 async def test_transfer_and_exec_alternate(
@@ -41,10 +41,10 @@ async def test_transfer_and_exec_alternate(
 
 @pytest.mark.parametrize("how", ["start", "load"])
 async def test_failed_transfer_rolls_back(
-    sealvm_vm: Machine, sealvm_update: Updater, sealvm_check_guest: GuestChecker,
+    sealvm_launch: VmLauncher, sealvm_update: Updater, sealvm_check_guest: GuestChecker,
     tmp_path: Path, how: str
 ) -> None:
-    vm = sealvm_vm
+    vm = await sealvm_launch(security=script_view(tmp_path))
     assert vm.pid is not None
     pid = vm.pid
     bad = failing_qemu(tmp_path, Path(vm.argv[0]), how)

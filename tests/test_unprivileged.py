@@ -1,9 +1,11 @@
 """
-QEMU without root (issue 18): what live update does today when QEMU drops
-to another user (``-run-with user=``) or loads its own seccomp filter
-(``-sandbox``).  The groundwork: each case ends refused and rolled back
-with the guest intact, or completes; docs/unprivileged.md has the whole
-picture and the figures.
+What QEMU itself does, without sealvm's confinement (``security.confine``
+and ``seccomp`` off), when it drops to another user (``-run-with user=``)
+or loads its own seccomp filter (``-sandbox``): why sealvm starts QEMU as
+its user through the jail and manages the filter itself
+(tests/test_confinement.py has sealvm's confinement).  Each case ends
+refused and rolled back with the guest intact, or completes;
+docs/unprivileged.md has the figures.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from helpers import processes_mentioning
 from sealvm import UpdateError, procfs
 from sealvm.host import parse_status
 from sealvm.pytest_plugin import GuestChecker, Updater, VmLauncher
+from sealvm.update import cpr_exec
 
 NOBODY = ["-run-with", "user=65534:65534"]
 #: issue 18's sandbox for cpr-transfer, and the one cpr-exec needs today
 SANDBOX = ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
 SANDBOX_SPAWN = ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"]
+
+
+#: sealvm's confinement off: QEMU as sealvm started it before issue 18
+UNCONFINED = {"confine": False, "seccomp": False}
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -40,8 +47,8 @@ def seccomp(pid: int) -> tuple[str, str]:
 
 def no_keeper_left(name: str) -> list[int]:
     """cpr-exec keepers of VM *name* still running, killed (the run root's
-    leftover check does not see them: their argv does not name it)."""
-    left = processes_mentioning(f"--name\0{name}\0", b"keeper.py")
+    leftover check sees them too: their argv names the run directory)."""
+    left = processes_mentioning(f"/{name}\0", b"keeper.py\0--fd")
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -55,7 +62,7 @@ async def test_cpr_exec_refused_by_a_qemu_running_as_another_user(
     root-owned run directory: migrate is refused at once.  The update is
     rolled back (UpdateError, not a bare QMP error), the keeper started for
     it is released, and the guest runs on in the same process."""
-    vm = await sealvm_launch(extra_args=NOBODY, name="nobody-exec")
+    vm = await sealvm_launch(extra_args=NOBODY, name="nobody-exec", security=UNCONFINED)
     assert vm.pid is not None
     assert proc_status(vm.pid)["Uid"] == "65534 65534 65534 65534"
     assert proc_status(vm.pid)["CapEff"] == "0000000000000000"
@@ -73,7 +80,7 @@ async def test_cpr_transfer_under_the_full_sandbox(
 ) -> None:
     """spawn denied: sealvm starts the new QEMU, which loads a filter of its
     own (one, not stacked on the old one's)."""
-    vm = await sealvm_launch(extra_args=SANDBOX)
+    vm = await sealvm_launch(extra_args=SANDBOX, security=UNCONFINED)
     assert vm.pid is not None and seccomp(vm.pid) == ("2", "1")
     for _ in range(2):
         before = vm.pid
@@ -90,7 +97,7 @@ async def test_cpr_exec_under_spawn_deny_is_refused_and_rolled_back(
     """spawn=deny makes execve fail with EPERM (and the address-space
     holder's clone too): QEMU reports the migration failed and runs the
     guest on; sealvm rolls back."""
-    vm = await sealvm_launch(extra_args=SANDBOX, name="sandboxed-exec")
+    vm = await sealvm_launch(extra_args=SANDBOX, name="sandboxed-exec", security=UNCONFINED)
     pid = vm.pid
     assert pid is not None
     with pytest.raises(UpdateError, match=r"execvp \S+ failed: Operation not permitted") as err:
@@ -103,13 +110,17 @@ async def test_cpr_exec_under_spawn_deny_is_refused_and_rolled_back(
     await sealvm_check_guest(vm)
 
 
-async def test_cpr_exec_with_spawn_allowed_stacks_a_filter_per_update(
-    sealvm_launch: VmLauncher, sealvm_update: Updater, sealvm_check_guest: GuestChecker
+async def test_cpr_exec_command_line_with_sandbox_stacks_a_filter_per_update(
+    sealvm_launch: VmLauncher, sealvm_update: Updater, sealvm_check_guest: GuestChecker,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With spawn allowed cpr-exec works, and every exec'd QEMU adds its
-    filter to the ones it inherited: docs/unprivileged.md says where the
-    kernel's limit puts the end of that."""
-    vm = await sealvm_launch(extra_args=SANDBOX_SPAWN)
+    """The negative control of `confine.strip_sandbox`: a cpr-exec whose new
+    command line has ``-sandbox`` again (sealvm before it) adds a filter to
+    the ones the image inherited, one more per update, up to the kernel's
+    limit (docs/unprivileged.md).  sealvm's own updates keep one
+    (test_confinement.py)."""
+    monkeypatch.setattr(cpr_exec, "strip_sandbox", lambda argv: argv)
+    vm = await sealvm_launch(extra_args=SANDBOX_SPAWN, security=UNCONFINED)
     pid = vm.pid
     assert pid is not None and seccomp(pid) == ("2", "1")
     for n in (2, 3):

@@ -61,7 +61,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import endpoint, procfs
+from . import confine, endpoint, procfs
 from .errors import (
     HostError,
     LaunchError,
@@ -144,7 +144,21 @@ async def _vm_info(vm: Machine) -> dict[str, Any]:
         "disks": [{"id": d.id, "path": str(d.path), "format": d.format, "cache": d.cache,
                    "readonly": d.readonly} for d in vm.spec.disk],
         "memfds": [asdict(m) | {"seal_names": m.seal_names} for m in procfs.memfds(vm.pid)],
+        "security": _security_info(vm),
     }
+
+
+def _security_info(vm: Machine) -> dict[str, Any]:
+    """How QEMU is confined: what sealvm set up and what /proc shows."""
+    assert vm.pid is not None
+    conf = vm.confinement
+    info: dict[str, Any] = {"confined": conf is not None,
+                            "summary": confine.describe(conf, vm.pid)}
+    if conf is not None:
+        info.update(uid=conf.uid, gid=conf.gid, seccomp=conf.seccomp, cpr_exec=conf.cpr_exec)
+    with contextlib.suppress(ProcessLookupError, KeyError, ValueError):
+        info["proc"] = asdict(confine.inspect(vm.pid))
+    return info
 
 
 def _info_text(info: dict[str, Any]) -> str:
@@ -157,6 +171,7 @@ def _info_text(info: dict[str, Any]) -> str:
                  (f"endpoint pid {sc['endpoint_pid']})" if sc["endpoint_pid"] else
                   "endpoint DOWN: restart the VM to get it back)"))
     lines.append(f"  serial  {info['serial']}")
+    lines.append(f"  confined {info['security']['summary']}")
     for n in info["net"]:
         where = f"namespace {n['netns']}" if n["netns"] else "host namespace"
         lines.append(f"  nic     {n['id']}: tap {n['tap']} ({where}"
@@ -283,7 +298,7 @@ async def cmd_endpoint(args: argparse.Namespace, out: Output) -> int:
         pid = endpoint.pid_of(paths)
         started = pid is None
         if started:
-            pid = endpoint.start(paths, args.vm, spec.scripts)
+            pid = endpoint.start(paths, args.vm, spec.scripts, owner=state.confinement())
     out.result({"name": args.vm, "socket": str(paths.scripts), "endpoint_pid": pid,
                 "started": started},
                f"{args.vm}: script endpoint {'started' if started else 'already running'}, "
@@ -371,7 +386,7 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
         state = read_state(paths)
         if state is not None and not state.alive():
             # QEMU died (crash, OOM kill): clean up what it left
-            removed = release_host_resources(state)
+            removed = release_host_resources(state, paths)
             cleanup_run_files(paths)
             out.result({"name": args.vm, "pid": state.pid, "status": "down", "exitcode": None,
                         "already_exited": True, "removed": removed},

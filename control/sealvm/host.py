@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _ffi, procfs
+from . import _ffi, confine, procfs
 from .errors import HostError
 from .spec import VfioSpec
 from .vfio import (
@@ -187,8 +187,8 @@ def probe_type1_update_vaddr() -> Probe:
 
 PROC = Path("/proc")
 
-#: QEMU's sandbox as issue 18 wants it for cpr-transfer (spawn denied).
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: QEMU's sandbox as sealvm loads it for a VM without cpr-exec (spawn denied).
+SANDBOX = confine.SANDBOX + ",spawn=deny"
 
 #: seccomp return actions QEMU's -sandbox uses (SCMP_ACT_TRAP becomes
 #: KILL_PROCESS when the kernel has it; execveat, setns and unshare are
@@ -427,6 +427,31 @@ def probe_vm_user(user: str, *, qemu: Path | None = None) -> Probe:
     return Probe("vm-user", True, f"{who}: can read and execute {qemu}")
 
 
+def probe_vm_uids(proc: Path = PROC) -> Probe:
+    """sealvm's uid range for VMs (`sealvm.confine`): how much of it is in
+    use, and no account of this host inside it (a VM would share its uid)."""
+    lo, hi = confine.UID_BASE, confine.UID_BASE + confine.UID_COUNT
+    clash = sorted(f"{p.pw_name} ({p.pw_uid})" for p in pwd.getpwall() if lo <= p.pw_uid < hi)
+    clash += sorted(f"group {g.gr_name} ({g.gr_gid})" for g in grp.getgrall()
+                    if lo <= g.gr_gid < hi)
+    running = set()
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                uid = entry.stat().st_uid
+            except OSError:
+                continue
+            if lo <= uid < hi:
+                running.add(uid)
+    registered = len(list(confine.REGISTRY.iterdir())) if confine.REGISTRY.is_dir() else 0
+    facts = (f"uids {lo}..{hi - 1}: {registered} registered in {confine.REGISTRY}, "
+             f"{len(running)} with a running process")
+    if clash:
+        return Probe("vm-uids", False, f"{facts}; accounts inside the range: "
+                     + ", ".join(clash[:5]) + ": a VM could get their uid")
+    return Probe("vm-uids", True, f"{facts}; no account of this host inside it")
+
+
 #: Every probe by the name it reports, in the order `host_check` runs them.
 PROBES: dict[str, Callable[[], Probe]] = {
     "memfd-noexec-seal": probe_memfd_noexec_seal,
@@ -437,6 +462,7 @@ PROBES: dict[str, Callable[[], Probe]] = {
     "seccomp": probe_seccomp,
     "userns": probe_userns,
     "mountns": probe_mountns,
+    "vm-uids": probe_vm_uids,
 }
 
 #: Probes that run only when asked with what they need: qemu-sandbox needs a

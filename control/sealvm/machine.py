@@ -14,7 +14,9 @@ sealvm creates the QMP listening socket itself and passes it to QEMU as an
 fd, together with the VFIO fds it opened (/dev/iommu, vfio cdevs) and the
 taps it created and attached to (`sealvm.net`; removed again when QEMU is
 gone, with the namespaces sealvm created).  QEMU
-runs in its own session so it outlives the controller that started it.
+runs in its own session so it outlives the controller that started it,
+confined by default (`sealvm.confine`): its own uid, no capabilities,
+seccomp, and a mount namespace showing it only what the VM needs.
 Teardown is idempotent: ``quit`` -> SIGTERM -> SIGKILL.
 """
 
@@ -36,8 +38,9 @@ from typing import Any
 from qemu.qmp import ExecInterruptedError, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError, GreetingError
 
-from . import endpoint, net, procfs
-from .errors import InterruptedUpdateError, LaunchError, QMPReplyError, StateError
+from . import confine, endpoint, net, procfs
+from .confine import Confinement
+from .errors import HostError, InterruptedUpdateError, LaunchError, QMPReplyError, StateError
 from .host import open_vfio_fds
 from .lock import VmLock
 from .net import NetRecord
@@ -80,6 +83,8 @@ class VmState:
     net: list[dict[str, Any]] = field(default_factory=list)
     #: each disk's image as QEMU opened it at launch: id -> [st_dev, st_ino]
     disks: dict[str, list[int]] = field(default_factory=dict)
+    #: how QEMU is confined (`Confinement.to_state`); empty: it is not
+    security: dict[str, Any] = field(default_factory=dict)
 
     def alive(self) -> bool:
         """True while the QEMU process this state names runs (pid + start time)."""
@@ -90,6 +95,9 @@ class VmState:
 
     def net_records(self) -> list[NetRecord]:
         return [NetRecord.from_dict(r) for r in self.net]
+
+    def confinement(self) -> Confinement | None:
+        return Confinement.from_state(self.security)
 
 
 def listen_unix(path: Path) -> socket.socket:
@@ -126,6 +134,7 @@ class Machine:
         self._pump: asyncio.Task[None] | None = None
         #: held by every verb that changes the VM (`sealvm.lock`)
         self.lock = VmLock(self.paths.lock, spec.name)
+        self._confinement: Confinement | None = None
 
     # ------------------------------------------------------------------ info
 
@@ -219,8 +228,8 @@ class Machine:
                                                     else [plan.iommufd])]
             self.logger.info("starting: %s", " ".join(argv))
             try:
-                proc = QemuProcess.spawn(argv, pass_fds=pass_fds, log_path=self.paths.qemu_log,
-                                         logger=self.logger)
+                proc = QemuProcess.spawn(self.confined_argv(argv), pass_fds=pass_fds,
+                                         log_path=self.paths.qemu_log, logger=self.logger)
             except OSError as exc:
                 with contextlib.suppress(FileNotFoundError):
                     qmp_path.unlink()
@@ -232,6 +241,28 @@ class Machine:
             net.close_fds(taps)
             net.close_fds(vhost)
         return proc, argv, plan
+
+    @property
+    def confinement(self) -> Confinement | None:
+        """How this VM's QEMU is confined (None: it is not)."""
+        return self._confinement if self.state is None else self.state.confinement()
+
+    def confined_argv(self, argv: list[str]) -> list[str]:
+        """*argv* (a QEMU command line of this VM) as sealvm starts it: through
+        the jail when the VM is confined (`sealvm.confine`), with the view
+        made for the binary argv[0] names."""
+        conf = self.confinement
+        if conf is None:
+            return argv
+        spec = self.spec.with_qemu(Path(argv[0]))
+        trampoline = None
+        if spec.security.cpr_exec:
+            from .update.wayback import trampoline as build_trampoline
+            with contextlib.suppress(HostError):
+                trampoline = build_trampoline()
+        plan = confine.jail_plan(spec, conf, self.paths.qemu_dir, self.paths.jail_root,
+                                 trampoline=trampoline)
+        return confine.wrap(argv, plan)
 
     async def launch(self, *, timeout: float = 30.0) -> None:
         """Start QEMU and connect to its monitor.
@@ -252,14 +283,24 @@ class Machine:
     async def _launch(self, timeout: float) -> None:
         self._prepare_run_dir()
         nets: list[net.NetRecord] = []
+        conf = None
         try:
+            conf = confine.confinement(self.spec, self.paths.root)
+            confine.prepare(conf, self.paths.qemu_dir, self.paths.jail_root,
+                            self.spec.serial_log)
+            if conf is not None:
+                conf = confine.hand_disks(self.spec, conf)
+            self._confinement = conf
             nets = net.setup(self.spec)
             if self.spec.scripts.enabled:
-                endpoint.start(self.paths, self.name, self.spec.scripts)
+                endpoint.start(self.paths, self.name, self.spec.scripts, owner=conf)
             self.process, argv, plan = self.spawn(self.spec, self.paths.qmp, nets=nets)
         except BaseException:
             net.teardown(nets)
             self._cleanup_run_dir()
+            confine.restore_disks(conf)
+            confine.release(conf, self.paths.root)
+            self._confinement = None
             raise
         self.state = VmState(
             name=self.name,
@@ -271,6 +312,7 @@ class Machine:
             start_time=procfs.start_time(self.process.pid) or 0,
             net=[r.to_dict() for r in nets],
             disks={d.id: _file_id(d.path) for d in self.spec.disk},
+            security=conf.to_state() if conf is not None else {},
         )
         try:
             await self.connect(timeout=timeout)
@@ -303,7 +345,7 @@ class Machine:
                 ) from None
             self._cleanup_run_dir()
             if old is not None:  # its QEMU died: what sealvm created for it goes too
-                release_host_resources(old)
+                release_host_resources(old, self.paths)
         os.chmod(root, 0o700)
 
     def save_state(self) -> None:
@@ -528,17 +570,21 @@ class Machine:
             if not self.process.alive():
                 self._cleanup_run_dir()
                 if self.state is not None:
-                    release_host_resources(self.state)
+                    release_host_resources(self.state, self.paths)
         self.runstate = Runstate.STOPPED
 
     def _cleanup_run_dir(self) -> None:
         cleanup_run_files(self.paths)
 
 
-def release_host_resources(state: VmState) -> list[str]:
+def release_host_resources(state: VmState, paths: RunPaths) -> list[str]:
     """Remove what sealvm created on the host for a VM whose QEMU is gone
-    (taps, namespaces); returns what was removed."""
+    (taps, namespaces), give its disk images their owners back and its uid
+    back to sealvm's range; returns what was removed."""
     removed = net.teardown(state.net_records())
+    conf = state.confinement()
+    removed += [f"{p}: owner restored" for p in confine.restore_disks(conf)]
+    confine.release(conf, paths.root)
     for what in removed:
         log.info("%s: removed %s", state.name, what)
     return removed

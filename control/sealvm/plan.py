@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .confine import sandbox_args
 from .spec import DiskSpec, VmSpec
 
 #: Memory backend and machine ids, fixed so tools can find the RAM block.
@@ -43,9 +44,21 @@ IOMMUFD_ID = "iommufd0"
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Files of one VM in its run directory (0700)."""
+    """Files of one VM in its run directory (0700, root's).  What QEMU
+    itself opens or creates by path lives in `qemu_dir`, which belongs to
+    the VM's user (`sealvm.confine`) and is all QEMU sees of the run
+    directory."""
 
     root: Path
+
+    @property
+    def qemu_dir(self) -> Path:
+        return self.root / "qemu"
+
+    @property
+    def jail_root(self) -> Path:
+        """The mount point of the view the jail builds (`sealvm.confine`)."""
+        return self.root / ".jail"
 
     @property
     def qmp(self) -> Path:
@@ -61,11 +74,11 @@ class RunPaths:
 
     @property
     def serial(self) -> Path:
-        return self.root / "serial.log"
+        return self.qemu_dir / "serial.log"
 
     @property
     def cpr_state(self) -> Path:
-        return self.root / "cpr-state"
+        return self.qemu_dir / "cpr-state"
 
     def qmp_next(self, generation: int) -> Path:
         """The QMP socket of a cpr-transfer successor until it takes over."""
@@ -73,16 +86,16 @@ class RunPaths:
 
     @property
     def cpr_sock(self) -> Path:
-        return self.root / "cpr.sock"
+        return self.qemu_dir / "cpr.sock"
 
     @property
     def main_sock(self) -> Path:
-        return self.root / "migrate.sock"
+        return self.qemu_dir / "migrate.sock"
 
     @property
     def keeper_sock(self) -> Path:
         """cpr-exec's keeper (the way back) listens here during an update."""
-        return self.root / "keeper.sock"
+        return self.qemu_dir / "keeper.sock"
 
     @property
     def journal(self) -> Path:
@@ -102,7 +115,7 @@ class RunPaths:
     @property
     def endpoint_qemu(self) -> Path:
         """Where each QEMU of the VM connects to the script endpoint."""
-        return self.root / "endpoint-qemu.sock"
+        return self.qemu_dir / "endpoint-qemu.sock"
 
     @property
     def endpoint_ctl(self) -> Path:
@@ -282,6 +295,7 @@ def qemu_argv(spec: VmSpec, paths: RunPaths, fds: FdPlan, *,
         "-no-user-config",
         "-display", "none",
         "-msg", "timestamp=on",
+        *sandbox_args(spec),
     ]
     for fw in spec.firmware:
         argv += ["-L", str(fw)]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import net, procfs, vfio
+from . import confine, net, procfs, vfio
 from ._ffi import pidfd_getfd
 from .errors import HostError, PreflightError, QMPReplyError
 from .host import vfio_cdev
@@ -466,8 +466,47 @@ async def check_vfio_devices(vm: Machine, mode: str) -> list[Check]:
     return checks
 
 
+def check_confinement(vm: Machine, mode: str, qemu: Path, *, way_back: bool) -> list[Check]:
+    """A confined VM (`sealvm.confine`): its user must be able to run the
+    new binary; for cpr-exec, QEMU must be allowed to exec it (spawn not
+    denied) and must see, in its own view, the very files sealvm checked
+    (the new binary, and the trampoline for the way back)."""
+    conf = vm.confinement
+    if conf is None:
+        return [Check("confinement", True, "off (security.confine = false)", warning=True)]
+    checks = [Check("vm-user", confine.can_execute(qemu, conf.uid, conf.gid),
+                    f"uid {conf.uid} gid {conf.gid} "
+                    + ("may" if confine.can_execute(qemu, conf.uid, conf.gid) else "may not")
+                    + f" read and execute {qemu}")]
+    if mode != "cpr-exec":
+        return checks
+    if not conf.cpr_exec:
+        checks.append(Check("sandbox", False, "security.cpr_exec = false: QEMU runs with "
+                            "spawn=deny and cannot exec a new binary; use cpr-transfer"))
+        return checks
+    wanted = [("new binary", qemu)]
+    if way_back:
+        from .update.wayback import trampoline
+        try:
+            wanted.append(("trampoline", trampoline()))
+        except HostError as exc:
+            checks.append(Check("exec-view", False, str(exc)))
+            return checks
+    hidden = [f"{what} {path}" for what, path in wanted
+              if vm.pid is None or not confine.seen_by(vm.pid, path)]
+    checks.append(Check(
+        "exec-view", not hidden,
+        "QEMU sees " + " and ".join(f"{w} {p}" for w, p in wanted) + " as sealvm does"
+        if not hidden else
+        f"QEMU (pid {vm.pid}) cannot exec {', '.join(hidden)}: outside its view, or replaced "
+        "since its view was made; add the directory to security.exec_paths (at launch), "
+        "or use cpr-transfer"))
+    return checks
+
+
 async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
-                        require_sealed: bool = True, raise_on_failure: bool = True) -> list[Check]:
+                        require_sealed: bool = True, raise_on_failure: bool = True,
+                        way_back: bool = True) -> list[Check]:
     """Run every check; raise if any fails (unless *raise_on_failure* is
     False: a dry run that returns every check, failed or not).
 
@@ -497,6 +536,7 @@ async def run_preflight(vm: Machine, *, mode: str, qemu: Path,
     checks.append(check_foreign_taps(vm))
     checks.extend(check_disks(vm))
     checks.append(await check_binary(vm, qemu))
+    checks.extend(check_confinement(vm, mode, qemu, way_back=way_back))
     if mode == "cpr-exec":
         checks.append(check_room(vm.paths.cpr_state))
     checks.append(await check_blockers(vm, "normal" if mode == "migrate" else mode))

@@ -13,6 +13,10 @@ Options (each with an environment default)::
                               default: the --sealvm-qemu binary)
     --sealvm-guest PATH       the guest kernel of the default spec
                               (sealvm's test guest)            ($SEALVM_GUEST)
+    --sealvm-exec-path DIR    more directories a confined QEMU may run a
+                              cpr-exec target from (repeatable; the
+                              --sealvm-update-to binary's is added anyway)
+                                                  ($SEALVM_EXEC_PATHS, ':')
 
 So "does this QEMU build live-update from the one in production, in both
 modes?" is ``pytest --sealvm-qemu PROD --sealvm-update-to NEW``.
@@ -68,7 +72,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
-from . import procfs
+from . import confine, procfs
 from .console import GuestCheck, check_guest_console, heartbeat_interval
 from .machine import Machine
 from .spec import VmSpec, spec_from_dict
@@ -101,6 +105,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sealvm-guest", metavar="PATH", default=None,
                     help="guest kernel of the default spec: sealvm's test guest or one "
                          "printing its console format (default: $SEALVM_GUEST)")
+    group.addoption("--sealvm-exec-path", metavar="DIR", action="append", default=None,
+                    help="a directory a confined QEMU may run a cpr-exec target from, "
+                         "added to every spec's security.exec_paths (repeatable; default: "
+                         "$SEALVM_EXEC_PATHS, ':'-separated)")
 
 
 def _path_option(config: pytest.Config, option: str, env: str) -> Path | None:
@@ -117,14 +125,19 @@ class SealvmConfig:
     qemu: Path | None
     update_to: Path | None
     guest: Path | None
+    #: added to every spec's security.exec_paths, with update_to's directory
+    exec_paths: tuple[Path, ...] = ()
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> SealvmConfig:
         """Read ``--sealvm-*`` (or their environment defaults) from *config*."""
         qemu = _path_option(config, "--sealvm-qemu", "SEALVM_QEMU")
         update_to = _path_option(config, "--sealvm-update-to", "SEALVM_UPDATE_TO") or qemu
+        paths = config.getoption("--sealvm-exec-path") or [
+            p for p in os.environ.get("SEALVM_EXEC_PATHS", "").split(":") if p]
         return cls(qemu=qemu, update_to=update_to,
-                   guest=_path_option(config, "--sealvm-guest", "SEALVM_GUEST"))
+                   guest=_path_option(config, "--sealvm-guest", "SEALVM_GUEST"),
+                   exec_paths=tuple(Path(p).absolute() for p in paths))
 
     def require_qemu(self) -> Path:
         """The QEMU VMs start with; skips the test when there is none
@@ -172,8 +185,9 @@ def sealvm_config(pytestconfig: pytest.Config) -> SealvmConfig:
 def leftovers(root: Path, *, kill: bool = True) -> list[str]:
     """What remains of VMs under the run root *root*: processes whose
     command line names it (QEMU, the script endpoint, the cpr-exec keeper;
-    killed with SIGKILL when *kill*), sockets, state files.  Empty when
-    everything was cleaned up."""
+    killed with SIGKILL when *kill*), sockets, state files, uids still
+    registered for its VMs (`sealvm.confine`; released when *kill*).
+    Empty when everything was cleaned up."""
     found = []
     for pid in procfs.pids_mentioning(str(root)):
         argv = procfs.cmdline(pid) or ["?"]
@@ -186,6 +200,8 @@ def leftovers(root: Path, *, kill: bool = True) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
     found += [f"socket left behind: {p}" for p in sorted(root.rglob("*")) if p.is_socket()]
     found += [f"state file left behind: {p}" for p in sorted(root.rglob("state.json"))]
+    found += [f"uid {uid} still registered for {where}" + (", released" if kill else "")
+              for uid, where in confine.registered_under(root, release=kill)]
     return found
 
 
@@ -261,7 +277,19 @@ class SpecFactory:
         data.setdefault("name", "vm")
         if "qemu" not in data:
             data["qemu"] = str(self.config.require_qemu())
+        self._exec_view(data)
         return spec_from_dict(data, base=base)
+
+    def _exec_view(self, data: dict[str, Any]) -> None:
+        """A confined QEMU may cpr-exec the build under test and the
+        ``--sealvm-exec-path`` directories (`sealvm.confine`)."""
+        extra = [*self.config.exec_paths]
+        if self.config.update_to is not None:
+            extra.append(self.config.update_to.parent)
+        security = dict(data.get("security") or {})
+        have = list(security.get("exec_paths", []))
+        security["exec_paths"] = have + [str(p) for p in extra if str(p) not in have]
+        data["security"] = security
 
 
 @pytest.fixture

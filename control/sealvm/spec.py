@@ -44,6 +44,15 @@ Example::
     format = "raw"              # raw | qcow2
     cache = "none"              # none | writeback | writethrough | directsync | unsafe
     readonly = false
+
+    [security]                  # how QEMU is confined (sealvm.confine)
+    confine = true              # own uid/gid, no capabilities, no_new_privs, own
+                                # mount/net/ipc/uts namespaces; false: QEMU runs as root
+    user = "auto"               # "auto" (a uid of its own per VM), "UID:GID" or a user name
+    seccomp = true              # -sandbox on (obsolete, elevateprivileges, resourcecontrol denied)
+    cpr_exec = true             # false: spawn denied as well, and cpr-exec refused
+    paths = []                  # more files or directories QEMU may read (extra_args' files)
+    exec_paths = []             # more directories cpr-exec may exec a new QEMU from
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import grp
 import hashlib
 import ipaddress
 import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -161,6 +171,24 @@ class ScriptsSpec:
 
 
 @dataclass(frozen=True)
+class SecuritySpec:
+    """How QEMU is confined (`sealvm.confine`)."""
+
+    #: own uid/gid, no capabilities, no_new_privs, own namespaces
+    confine: bool = True
+    #: "auto" (a uid of sealvm's range, per VM), "UID:GID" or a user name
+    user: str = "auto"
+    #: QEMU's ``-sandbox on`` (seccomp)
+    seccomp: bool = True
+    #: False: QEMU may spawn nothing (``spawn=deny``) and cpr-exec is refused
+    cpr_exec: bool = True
+    #: more files or directories QEMU may read
+    paths: tuple[Path, ...] = ()
+    #: more directories from which cpr-exec may exec a new QEMU
+    exec_paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """A validated VM spec (`load_spec`, `spec_from_dict`); immutable, and
     ``spec_from_dict(spec.to_dict())`` gives it back."""
@@ -179,6 +207,7 @@ class VmSpec:
     disk: tuple[DiskSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
     scripts: ScriptsSpec = ScriptsSpec()
+    security: SecuritySpec = SecuritySpec()
 
     def with_qemu(self, qemu: Path) -> VmSpec:
         """The same spec with another QEMU binary."""
@@ -235,6 +264,10 @@ class VmSpec:
         out["scripts"] = {"enabled": sc.enabled, "allow": list(sc.allow), "deny": list(sc.deny)}
         if sc.group is not None:
             out["scripts"]["group"] = sc.group
+        se = self.security
+        out["security"] = {"confine": se.confine, "user": se.user, "seccomp": se.seccomp,
+                           "cpr_exec": se.cpr_exec, "paths": [str(p) for p in se.paths],
+                           "exec_paths": [str(p) for p in se.exec_paths]}
         return out
 
 
@@ -383,6 +416,7 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
     if len(set(ids)) != len(ids):
         raise SpecError("vfio", "device ids are not unique", "give each [[vfio]] its own id")
     scripts = _scripts(_Table(top.get("scripts", dict, {}), "scripts"))
+    security = _security(_Table(top.get("security", dict, {}), "security"), base)
     nets = tuple(_net(raw, i, name) for i, raw in enumerate(top.get("net", list, [])))
     disks = tuple(_disk(raw, i, base) for i, raw in enumerate(top.get("disk", list, [])))
     _unique("net", "id", [n.id for n in nets])
@@ -390,6 +424,11 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
     _unique("net", "tap", [(n.netns, n.tap) for n in nets])
     _unique("disk", "id", [d.id for d in disks])
     _unique("disk", "path", [os.path.normpath(d.path) for d in disks])
+    legacy = [d.id for d in devices if d.backend == "legacy"]
+    if legacy and security.confine:
+        raise SpecError("security.confine", f"vfio {legacy[0]!r} uses the legacy (type1) "
+                        "backend: QEMU opens /dev/vfio itself, which a confined QEMU cannot",
+                        'use backend = "iommufd" (sealvm passes the fds), or confine = false')
     every = [*ids, *(n.id for n in nets), *(d.id for d in disks)]
     twice = sorted({i for i in every if every.count(i) > 1})
     if twice:
@@ -412,6 +451,7 @@ def spec_from_dict(data: object, *, base: Path | None = None) -> VmSpec:
         disk=disks,
         extra_args=tuple(extra),
         scripts=scripts,
+        security=security,
     )
 
 
@@ -438,6 +478,35 @@ def _scripts(st: _Table) -> ScriptsSpec:
             raise SpecError(st.path("group"), f"no group named {group!r}",
                             "create it, or name an existing group") from None
     spec = ScriptsSpec(enabled=st.get("enabled", bool, True), group=group, **lists)
+    st.done()
+    return spec
+
+
+_IDS = re.compile(r"^(\d+):(\d+)$")
+
+
+def _security(st: _Table, base: Path) -> SecuritySpec:
+    user = st.get("user", str, "auto")
+    if user != "auto" and not (m := _IDS.match(user)):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise SpecError(st.path("user"), f"no user named {user!r}",
+                            'write "auto", "UID:GID" or an existing user name') from None
+    elif user != "auto" and m is not None and (int(m.group(1)) == 0 or int(m.group(2)) == 0):
+        raise SpecError(st.path("user"), "uid or gid 0 is root, not confinement",
+                        "pick another uid, or set confine = false")
+    if user != "auto" and not _IDS.match(user) and pwd.getpwnam(user).pw_uid == 0:
+        raise SpecError(st.path("user"), f"{user!r} is root", "pick another user")
+    lists: dict[str, tuple[Path, ...]] = {}
+    for key in ("paths", "exec_paths"):
+        value = st.get(key, list, [])
+        if not all(isinstance(v, str) and v for v in value):
+            raise SpecError(st.path(key), "expected a list of paths", f'e.g. {key} = ["/opt/qemu"]')
+        lists[key] = tuple(_path(v, base) for v in value)
+    spec = SecuritySpec(confine=st.get("confine", bool, True), user=user,
+                        seccomp=st.get("seccomp", bool, True),
+                        cpr_exec=st.get("cpr_exec", bool, True), **lists)
     st.done()
     return spec
 
@@ -562,6 +631,7 @@ __all__ = [
     "DiskSpec",
     "GuestSpec",
     "ScriptsSpec",
+    "SecuritySpec",
     "MemorySpec",
     "NetSpec",
     "VfioSpec",

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemus_mentioning
+from helpers import PYTHON_VIEW, qemus_mentioning
 from sealvm import procfs
 from sealvm.console import ConsoleFollower, read_console
 from sealvm.machine import read_state
@@ -62,11 +62,20 @@ class Operator:
         return str(self.json("qmp", NAME, "query-status")["return"]["status"])
 
 
+def spec_text(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> str:
+    """The VM's spec; the failing binaries (`bad_binary`, Python scripts in
+    ``tmp_path / "bin"``) in QEMU's view."""
+    (tmp_path / "bin").mkdir(mode=0o755, exist_ok=True)
+    view = json.dumps([str(tmp_path / "bin"), *PYTHON_VIEW])
+    return (f'name = "{NAME}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
+            f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n'
+            f'[security]\nexec_paths = {view}\n')
+
+
 @pytest.fixture
 def op(run_root: Path, tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[Operator]:
     spec = tmp_path / "fvm.toml"
-    spec.write_text(f'name = "{NAME}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
-                    f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+    spec.write_text(spec_text(tmp_path, qemu_binary, guest_image))
     o = Operator(run_root)
     o.json("up", str(spec))
     yield o
@@ -263,7 +272,7 @@ async def test_new_binary_fails(op: Operator, tmp_path: Path, qemu_binary: Path,
                                 how: str, mode: str) -> None:
     """cpr-transfer: the old QEMU resumes.  cpr-exec: the previous binary is
     started on the same memory and device state (the way back)."""
-    bad = bad_binary(tmp_path, qemu_binary, how)
+    bad = bad_binary(tmp_path / "bin", qemu_binary, how)
     before = read_state(op.paths)
     assert before is not None
     pid, inodes = before.pid, ram_inodes(before.pid)
@@ -345,8 +354,7 @@ def small_op(tmp_path: Path, qemu_binary: Path, guest_image: Path) -> Iterator[O
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(root)],
                    check=True)
     spec = tmp_path / "fvm.toml"
-    spec.write_text(f'name = "{NAME}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "64M"\n'
-                    f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+    spec.write_text(spec_text(tmp_path, qemu_binary, guest_image))
     o = Operator(root)
     try:
         o.json("up", str(spec))
@@ -431,7 +439,7 @@ def test_guest_neither_running_nor_paused_is_refused(op: Operator, tmp_path: Pat
     """A guest in another run state (here postmigrate, after a migration of
     the paused guest to a file) is refused at once, naming the state; nothing
     is touched."""
-    out = tmp_path / "migrated"
+    out = op.paths.qemu_dir / "migrated"  # QEMU writes it: in its own directory
     assert op.json("pause", NAME)["status"] == "paused"  # else the copy never converges
     op.json("qmp", NAME, "migrate", json.dumps({"uri": f"file:{out}"}))
     for _ in range(600):  # a paused 64 MiB guest is copied to a file in about a second

@@ -15,6 +15,7 @@ show each instrument failing when it should.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from sealvm import Machine, live_update, spec_from_dict
+from sealvm import Machine, confine, live_update, spec_from_dict
 from sealvm.console import ConsoleFollower, ConsoleLog
 from sealvm.errors import HostError, PreflightError
 from sealvm.net import in_netns, tap_exists
@@ -88,6 +89,8 @@ async def linux_vm(linux_spec: Callable[..., VmSpec], test_netns: str,
         # sealvm removed its tap; the namespace is the test's, it stays
         assert not tap_exists(tap, test_netns), f"tap {tap} left behind"
         assert not tap_holders(tap)
+        # the image was the VM's user's while it ran: root's again
+        assert all(os.stat(d.path).st_uid == 0 for d in vm.spec.disk)
 
 
 def hb(log: ConsoleLog, key: str) -> int:
@@ -116,6 +119,18 @@ def only_qemu_holds(vm: Machine, image: Path) -> None:
     assert set(tap_holders(vm.spec.net[0].tap)) == {vm.pid}, tap_holders(vm.spec.net[0].tap)
 
 
+def assert_confined(vm: Machine) -> None:
+    """QEMU runs confined (the default, `sealvm.confine`): the VM's uid, no
+    capability, one seccomp filter, its own namespaces; the image is the
+    VM's user's while it runs."""
+    assert vm.pid is not None and vm.confinement is not None
+    p = confine.inspect(vm.pid)
+    assert p.uid == vm.confinement.uid != 0 and p.cap_eff == p.cap_bnd == 0, p
+    assert (p.seccomp, p.filters, p.no_new_privs) == (2, 1, True), p
+    assert {"mnt", "net"} <= set(p.own_namespaces), p
+    assert all(os.stat(d.path).st_uid == p.uid for d in vm.spec.disk)
+
+
 async def test_twenty_alternating_updates_keep_net_disk_and_memory(
         linux_vm: Machine, image: Path) -> None:
     vm = linux_vm
@@ -124,6 +139,7 @@ async def test_twenty_alternating_updates_keep_net_disk_and_memory(
         try:
             await con.wait_full_pass(60)
             only_qemu_holds(vm, image)
+            assert_confined(vm)
             windows = []
             for i in range(UPDATES):
                 mode = "cpr-exec" if i % 2 == 0 else "cpr-transfer"
@@ -135,6 +151,7 @@ async def test_twenty_alternating_updates_keep_net_disk_and_memory(
                 # the image and the tap: only the new QEMU has them (the cpr-exec
                 # holder and the old QEMU of cpr-transfer are gone with theirs)
                 only_qemu_holds(vm, image)
+                assert_confined(vm)
                 # the disk writer goes on
                 await wait_hb(con, lambda log: hb(log, "dw") > writes + 5)  # noqa: B023
                 assert not traffic.tcp_errors(), (i, traffic.tcp_errors())

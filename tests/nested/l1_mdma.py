@@ -242,6 +242,8 @@ def l2_spec(name: str, uid: str, backend: str) -> Any:
         "guest": {"kernel": os.environ["SEALVM_GUEST"],
                   "cmdline": f"hb_ms={HB_MS} pattern_range={PATTERN_RANGE}"},
         "vfio": [{"id": "mdma0", "sysfsdev": str(MDEV_DEVICES / uid), "backend": backend}],
+        # legacy: QEMU opens /dev/vfio itself, which only an unconfined QEMU may
+        "security": {"confine": backend != "legacy"},
         "extra_args": trace_args(),
     })
 

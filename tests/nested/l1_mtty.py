@@ -470,7 +470,7 @@ async def savevm_after_failed_cpr(checks: Checks, vm: Machine, con: ConsoleFollo
     """A cpr-exec that fails (its command cannot be executed) leaves the
     mode parameter at cpr-exec.  A snapshot taken afterwards must still save
     the device state: it does not share the device with another QEMU."""
-    image = RUN_ROOT / "snapshot.qcow2"
+    image = vm.paths.qemu_dir / "snapshot.qcow2"  # QEMU creates it: in its own directory
     await qcow2_node(vm, image, "snap")
     # cpr-exec completes the migration, then fails to exec: completed,
     # then failed, and the VM runs again.

@@ -263,6 +263,8 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
         "guest": {"kernel": os.environ["SEALVM_GUEST"],
                   "cmdline": f"hb_ms={hb_ms} pattern_range={PATTERN_RANGE}"},
         "vfio": [{"id": "edu0", "host": bdf, "backend": backend}],
+        # legacy: QEMU opens /dev/vfio itself, which only an unconfined QEMU may
+        "security": {"confine": backend != "legacy"},
         "extra_args": trace_args(),
     })
     vm = Machine(spec, run_root=RUN_ROOT)

@@ -52,7 +52,7 @@ def test_qmp_socket_is_passed_by_fd_and_serial_appends() -> None:
     argv = qemu_argv(spec(), PATHS, FdPlan(qmp_listen=9))
     chardevs = opt(argv, "-chardev")
     assert "socket,id=qmp,fd=9,server=on,wait=off" in chardevs
-    assert "file,id=serial0,path=/run/sealvm/t/serial.log,append=on" in chardevs
+    assert "file,id=serial0,path=/run/sealvm/t/qemu/serial.log,append=on" in chardevs
     assert opt(argv, "-mon") == ["chardev=qmp,mode=control", "chardev=scripts,mode=control"]
     assert opt(argv, "-append") == ["hb_ms=10 pattern=on"]  # one argv element, no shell
 
@@ -60,7 +60,7 @@ def test_qmp_socket_is_passed_by_fd_and_serial_appends() -> None:
 def test_script_monitor_connects_out_and_retries() -> None:
     """QEMU connects to the script endpoint itself, never waiting for it."""
     argv = qemu_argv(spec(), PATHS, FdPlan(qmp_listen=9))
-    assert ("socket,id=scripts,path=/run/sealvm/t/endpoint-qemu.sock,server=off,"
+    assert ("socket,id=scripts,path=/run/sealvm/t/qemu/endpoint-qemu.sock,server=off,"
             "reconnect-ms=100") in opt(argv, "-chardev")
     off = qemu_argv(spec(scripts={"enabled": False}), PATHS, FdPlan(qmp_listen=9))
     assert opt(off, "-mon") == ["chardev=qmp,mode=control"]
@@ -69,7 +69,8 @@ def test_script_monitor_connects_out_and_retries() -> None:
 
 def test_vfio_iommufd_devices_use_passed_fds() -> None:
     s = spec(vfio=[{"host": "0000:00:03.0", "id": "edu0"},
-                   {"sysfsdev": "/sys/bus/mdev/devices/u", "id": "m0", "backend": "legacy"}])
+                   {"sysfsdev": "/sys/bus/mdev/devices/u", "id": "m0", "backend": "legacy"}],
+             security={"confine": False})
     fds = FdPlan(qmp_listen=5, iommufd=6, vfio={"edu0": 8})
     argv = qemu_argv(s, PATHS, fds)
     assert "iommufd,id=iommufd0,fd=6" in opt(argv, "-object")
@@ -116,10 +117,11 @@ def test_incoming_argv_marks_the_new_process() -> None:
 
 def test_commas_in_paths_are_escaped_where_qemu_parses_options() -> None:
     s = spec(guest={"kernel": "/opt/a,b/guest.bin"}, serial_log="/var/log/a,b/serial.log",
-             vfio=[{"sysfsdev": "/sys/bus/mdev/devices/x,y", "backend": "legacy"}])
+             vfio=[{"sysfsdev": "/sys/bus/mdev/devices/x,y", "backend": "legacy"}],
+             security={"confine": False})
     argv = qemu_argv(s, RunPaths(Path("/run/a,b/t")), FdPlan(qmp_listen=7))
     assert "file,id=serial0,path=/var/log/a,,b/serial.log,append=on" in opt(argv, "-chardev")
     assert opt(argv, "-device") == ["vfio-pci,id=vfio0,sysfsdev=/sys/bus/mdev/devices/x,,y"]
     assert opt(argv, "-kernel") == ["/opt/a,b/guest.bin"]  # a whole argument: literal
     default = qemu_argv(spec(), RunPaths(Path("/run/a,b/t")), FdPlan(qmp_listen=7))
-    assert "file,id=serial0,path=/run/a,,b/t/serial.log,append=on" in opt(default, "-chardev")
+    assert "file,id=serial0,path=/run/a,,b/t/qemu/serial.log,append=on" in opt(default, "-chardev")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import procfs
+from ..confine import Confinement, give
 from ..errors import HostError
 from ..plan import RunPaths
 from ..runroot import default_run_root
@@ -68,11 +69,13 @@ def _listen(path: Path, kind: int = socket.SOCK_STREAM) -> socket.socket:
     return s
 
 
-def start(paths: RunPaths, name: str, spec: ScriptsSpec) -> int:
+def start(paths: RunPaths, name: str, spec: ScriptsSpec, *,
+          owner: Confinement | None = None) -> int:
     """Start the VM's script endpoint (before its QEMU: QEMU connects to it).
 
     The sockets are bound here, so scripts and QEMU can connect as soon as
-    this returns.  Returns the endpoint's pid.
+    this returns; QEMU's belongs to *owner*, the VM's user of a confined
+    QEMU (`sealvm.confine`).  Returns the endpoint's pid.
 
     :raise HostError: when it cannot be started.
     """
@@ -80,6 +83,7 @@ def start(paths: RunPaths, name: str, spec: ScriptsSpec) -> int:
     try:
         socks = [_listen(paths.scripts), _listen(paths.endpoint_qemu),
                  _listen(paths.endpoint_ctl, socket.SOCK_DGRAM)]
+        give(paths.endpoint_qemu, owner)
         if spec.group is not None:
             gid = grp.getgrnam(spec.group).gr_gid
             os.chown(paths.scripts, -1, gid)

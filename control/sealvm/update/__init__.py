@@ -100,7 +100,8 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
     was_running = guest == "running"
     new_qemu = (qemu or Path(vm.argv[0])).resolve()
     clock = Clock(progress)
-    checks = await run_preflight(vm, mode=mode, qemu=new_qemu, require_sealed=require_sealed)
+    checks = await run_preflight(vm, mode=mode, qemu=new_qemu, require_sealed=require_sealed,
+                                 way_back=way_back)
     pid = vm.pid
     report = UpdateReport(
         mode=mode,

@@ -25,6 +25,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from .. import procfs
+from ..confine import strip_sandbox
 from ..errors import LaunchError, QMPReplyError, SealvmError, StateError, UpdateError
 from ..machine import Machine
 from ..plan import incoming_argv
@@ -57,10 +58,12 @@ async def run(ctx: UpdateContext) -> None:
     uri = f"file:{vm.paths.cpr_state}"
     keeper = None
     try:
-        command = new_argv
+        # the new image runs under the filter the old one loaded (the same
+        # policy): another -sandbox would stack one more filter per update
+        command = strip_sandbox(new_argv)
         if ctx.way_back:
-            command = [str(trampoline()), str(vm.paths.keeper_sock), "--", *new_argv]
-            keeper = await Keeper.start(vm.paths)
+            command = [str(trampoline()), str(vm.paths.keeper_sock), "--", *command]
+            keeper = await Keeper.start(vm.paths, owner=vm.confinement)
         await vm.execute("migrate-set-capabilities", EVENTS_ON)
         await vm.execute("migrate-set-parameters",
                          {"mode": "cpr-exec", "cpr-exec-command": command})
@@ -190,7 +193,8 @@ async def fall_back(vm: Machine, journal: Journal, keeper: Keeper | None, *, why
     deadline = asyncio.get_running_loop().time() + timeout  # a fresh one: it starts now
     argv = incoming_argv(start["old_argv"], marker=f"{start['marker']}-back")
     try:
-        pid = await keeper.fall_back(argv, vm.paths.qemu_log)
+        # through the jail: the previous QEMU runs confined as before
+        pid = await keeper.fall_back(vm.confined_argv(argv), vm.paths.qemu_log)
         vm.process = QemuProcess(pid, logger=vm.logger)
         vm.state.pid = pid
         vm.state.start_time = procfs.start_time(pid) or 0

@@ -4,7 +4,7 @@ sealvm's cpr-exec keeper: holds the guest's fds across the exec (`wayback`).
 Run by path, in isolated mode, with the standard library only, so that it
 starts fast and imports nothing of the controller:
 
-    python -I keeper.py --fd LISTENING-SOCKET-FD --name VM
+    python -I keeper.py --fd LISTENING-SOCKET-FD --name RUN-DIR
 
 See sealvm.update.wayback for the protocol.
 """
@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -43,6 +44,11 @@ def _spawn(argv: list[str], held: dict[int, int], state: int, log: str) -> int:
             os.close(fd)
 
 
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
 def serve(listen_fd: int) -> int:
     sock = socket.socket(fileno=listen_fd)
     sock.settimeout(MAX_LIFETIME)
@@ -67,6 +73,13 @@ def serve(listen_fd: int) -> int:
                     msg += more
                 words = msg.decode(errors="replace").strip().split(" ", 1)
                 verb, rest = words[0], (words[1] if len(words) > 1 else "")
+                if verb != "fds" and _peer_uid(conn) != 0:
+                    # the socket may belong to a confined VM's user (for the
+                    # trampoline's "fds"): everything else is root's
+                    for fd in fds:
+                        os.close(fd)
+                    conn.sendall(json.dumps({"error": f"{verb!r} is root's"}).encode())
+                    continue
                 if verb == "fds":
                     for fd in held.values():
                         os.close(fd)
@@ -102,7 +115,8 @@ def serve(listen_fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sealvm-keeper", description=__doc__)
     p.add_argument("--fd", type=int, required=True, help="the listening socket, inherited")
-    p.add_argument("--name", default="", help="the VM (for ps)")
+    p.add_argument("--name", default="", help="the VM's run directory (for ps, and for "
+                   "whoever looks for what is left of a run root)")
     args = p.parse_args(argv)
     return serve(args.fd)
 

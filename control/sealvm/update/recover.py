@@ -35,6 +35,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from .. import endpoint, procfs
+from ..confine import strip_sandbox
 from ..errors import QMPReplyError, SealvmError, StateError, UpdateError
 from ..lock import VmLock
 from ..machine import Machine, cleanup_run_files, read_state, release_host_resources
@@ -136,7 +137,7 @@ async def recover(name: str, *, run_root: Path | None = None, timeout: float = 6
                *paths.root.glob("qmp-next-*.sock"))
         if report.outcome == "lost":
             cleanup_run_files(paths)
-            release_host_resources(state)
+            release_host_resources(state, paths)
         journal.end(report.outcome, actions=report.actions, by="recover")
         endpoint.notify(paths, "update-end", mode=report.mode, result=report.outcome,
                         pid=report.pid, by="recover")
@@ -175,7 +176,7 @@ async def abandon(name: str, *, run_root: Path | None = None,
             proc.close()
         cleanup_run_files(paths)
         if state is not None:
-            release_host_resources(state)
+            release_host_resources(state, paths)
         if journal is not None:
             journal.end("abandoned", killed=killed, by="down")
         return killed
@@ -185,8 +186,13 @@ async def abandon(name: str, *, run_root: Path | None = None,
 
 
 def _is_new_image(journal: Journal, pid: int) -> bool:
+    """Whether *pid* runs the update's new image: its command line is the
+    journal's, which the image got without ``-sandbox`` (`strip_sandbox`)."""
     new_argv = journal.get("migrate").get("argv")
-    return bool(new_argv) and procfs.cmdline(pid) == new_argv
+    argv = procfs.cmdline(pid)
+    if not new_argv or argv is None:
+        return False
+    return strip_sandbox(argv) == strip_sandbox(list(new_argv))
 
 
 async def _recover_exec(vm: Machine, journal: Journal, report: RecoverReport,

@@ -29,6 +29,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, Runstate
 
 from .. import procfs
+from ..confine import give
 from ..errors import HostError, LaunchError, QMPReplyError, SealvmError, UpdateError
 from ..machine import listen_unix
 from ..plan import FdPlan
@@ -91,6 +92,7 @@ async def run(ctx: UpdateContext, *, cpr: bool) -> None:
     cpr_listener = None
     if cpr:
         cpr_listener = listen_unix(paths.cpr_sock)
+        give(paths.cpr_sock, vm.confinement)  # the old QEMU connects as the VM's user
         cpr_in = {"channel-type": "cpr",
                   "addr": {"transport": "socket", "type": "fd",
                            "str": str(cpr_listener.fileno())}}

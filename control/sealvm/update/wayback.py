@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import procfs
+from ..confine import Confinement, give
 from ..errors import HostError, StateError
 from ..machine import listen_unix
 from ..plan import RunPaths
@@ -106,18 +107,24 @@ class Keeper:
         self.start_time = start_time
 
     @classmethod
-    async def start(cls, paths: RunPaths, *, timeout: float = 60.0) -> Keeper:
+    async def start(cls, paths: RunPaths, *, owner: Confinement | None = None,
+                    timeout: float = 60.0) -> Keeper:
         """Start a keeper listening at ``paths.keeper_sock`` and wait until it
         answers, so that its start-up never falls inside the guest's pause.
+        With *owner* (a confined VM), the socket belongs to the VM's user, so
+        that the trampoline, which runs as that user, can hand its fds over;
+        every other request is answered to root only (the keeper checks its
+        peer's credentials).
 
         :raise HostError: when it cannot be started or does not answer.
         """
         listener = listen_unix(paths.keeper_sock)
+        give(paths.keeper_sock, owner)
         try:
             # stdlib only, run by path in isolated mode: starts in tens of ms
             p = subprocess.Popen(
                 [sys.executable, "-I", str(Path(__file__).with_name("keeper.py")),
-                 "--fd", str(listener.fileno()), "--name", paths.root.name],
+                 "--fd", str(listener.fileno()), "--name", str(paths.root)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=[listener.fileno()], start_new_session=True)
         except OSError as exc:
