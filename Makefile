@@ -20,7 +20,7 @@ LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
 	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
-	soak demo bench bench-compare bench-endpoint \
+	soak demo bench bench-compare bench-endpoint bench-confine \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -115,6 +115,11 @@ soak: deps qemu guest
 ENDPOINT_AB_ARGS ?=
 bench-endpoint: deps qemu guest
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.endpoint_ab $(ENDPOINT_AB_ARGS)
+
+# What QEMU's confinement costs the pause (tests/bench/confine_ab.py).
+CONFINE_AB_ARGS ?=
+bench-confine: deps qemu guest
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.confine_ab $(CONFINE_AB_ARGS)
 
 # Benchmarks are not tests: one run, side by side, ratios printed last.  Each
 # run writes its dated table to $(BENCH_OUT) and appends to its history.jsonl.
