@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
 
+from bench import ab_args
 from sealvm import Machine, live_update, spec_from_dict
 
 VARIANTS = ("no-endpoint", "endpoint", "endpoint+3")
@@ -114,18 +115,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="endpoint_ab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--size", default="256M")
-    p.add_argument("--qemu", default=os.environ.get("SEALVM_QEMU"))
-    p.add_argument("--guest", default=os.environ.get("SEALVM_GUEST"))
-    args = p.parse_args()
-    if not args.qemu or not args.guest:
-        p.error("set SEALVM_QEMU and SEALVM_GUEST (or --qemu/--guest); `make bench-endpoint` does")
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
-    return asyncio.run(run(args))
+    return asyncio.run(run(ab_args("endpoint_ab", __doc__, "bench-endpoint")))
 
 
 if __name__ == "__main__":
