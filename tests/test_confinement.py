@@ -291,3 +291,29 @@ async def test_keeper_answers_only_root(vm: Machine) -> None:
     finally:
         await keeper.release()
     assert not keeper.alive()
+
+
+async def test_binary_replaced_on_the_host_is_not_cpr_execd(
+        sealvm_launch: VmLauncher, sealvm_update: Updater, sealvm_check_guest: GuestChecker,
+        qemu_binary: Path, tmp_path: Path) -> None:
+    """QEMU's view has its binary as the file sealvm checked at launch.  A
+    build installed over it (a new file at the same path) is not what QEMU
+    would exec: cpr-exec is refused before the pause, naming it; a
+    cpr-transfer (a new QEMU, a new view) takes the new file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(mode=0o755)
+    qemu = bin_dir / "qemu-system-x86_64"
+    shutil.copy2(qemu_binary, qemu)
+    vm = await sealvm_launch(qemu=str(qemu))
+    assert vm.pid is not None
+    pid = vm.pid
+    shutil.copy2(qemu_binary, bin_dir / "new")
+    os.replace(bin_dir / "new", qemu)  # as an install does: another inode
+    with pytest.raises(PreflightError, match=r"exec-view: .*cannot exec new binary "
+                                             rf"{qemu}: outside its view, replaced"):
+        await sealvm_update(vm, "cpr-exec", qemu=qemu)
+    assert vm.pid == pid and await vm.status() == "running"
+    report = await sealvm_update(vm, "cpr-transfer", qemu=qemu)
+    assert report.mismatches == 0 and vm.pid != pid
+    assert os.stat(f"/proc/{vm.pid}/exe").st_ino == os.stat(qemu).st_ino
+    await sealvm_check_guest(vm)

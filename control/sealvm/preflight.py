@@ -498,9 +498,9 @@ def check_confinement(vm: Machine, mode: str, qemu: Path, *, way_back: bool) -> 
         "exec-view", not hidden,
         "QEMU sees " + " and ".join(f"{w} {p}" for w, p in wanted) + " as sealvm does"
         if not hidden else
-        f"QEMU (pid {vm.pid}) cannot exec {', '.join(hidden)}: outside its view, or replaced "
-        "since its view was made; add the directory to security.exec_paths (at launch), "
-        "or use cpr-transfer"))
+        f"QEMU (pid {vm.pid}) cannot exec {', '.join(hidden)}: outside its view, replaced "
+        "since its view was made, or on a noexec mount there; add the directory to "
+        "security.exec_paths (at launch), or use cpr-transfer"))
     return checks
 
 

@@ -83,8 +83,9 @@ def test_view_shows_what_the_vm_needs_and_how(tmp_path: Path) -> None:
         s, Path("/run/t/qemu"), trampoline=Path("/c/tr/sealvm-exec-trampoline"))}
     assert binds["/usr"] == "ro"
     assert all(binds[d] == "rx" for d in confine.LIB_DIRS if d in binds)
-    assert binds["/opt/q/bin"] == "rx" and binds["/opt/next"] == "rx"
-    assert binds["/c/tr"] == "rx"
+    assert binds["/opt/q/bin"] == "ro" and binds["/opt/q/bin/qemu-system-x86_64"] == "rx"
+    assert binds["/opt/next"] == "rx"
+    assert binds["/c/tr/sealvm-exec-trampoline"] == "rx"
     assert binds[str(disk)] == "rw" and binds[str(ro)] == "ro"
     assert binds[str(tmp_path / "serial.log")] == "rw"
     assert binds["/run/t/qemu"] == "rw" and binds["/"] == "ro"
@@ -92,7 +93,7 @@ def test_view_shows_what_the_vm_needs_and_how(tmp_path: Path) -> None:
     assert "/sys" not in binds  # no VFIO device
     no_exec = confine.view(spec(security={"cpr_exec": False}), Path("/q"),
                            trampoline=Path("/c/tr/t"))
-    assert ["/c/tr", "rx"] not in no_exec
+    assert ["/c/tr/t", "rx"] not in no_exec
 
 
 def test_jail_plan_and_argv() -> None:

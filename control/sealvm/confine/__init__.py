@@ -13,9 +13,10 @@ seen by QEMU                how
 /usr                        read-only, noexec; /usr/lib/<multiarch> and
                             /usr/lib64 read-only, executable (shared
                             libraries; `LIB_DIRS`)
-the QEMU binary's directory read-only, executable
+the QEMU binary             read-only, executable (the file; its directory
+                            read-only, noexec, for its data)
 security.exec_paths         read-only, executable (cpr-exec targets)
-the cpr-exec trampoline     read-only, executable (its directory)
+the cpr-exec trampoline     read-only, executable
 kernel, initrd, firmware,   read-only
 security.paths, /sys (VFIO)
 disks                       read-write (read-only when ``readonly``)
@@ -251,11 +252,15 @@ def view(spec: VmSpec, qemu_dir: Path, *, trampoline: Path | None = None) -> lis
     binds: list[list[str]] = [["/usr", "ro"]]
     binds += [[d, "rx"] for d in LIB_DIRS if os.path.isdir(d) and not os.path.islink(d)]
     binds += [[f, "ro"] for f in ETC_FILES if os.path.exists(f)]
-    binds.append([str(Path(os.path.abspath(spec.qemu)).parent), "rx"])
+    # the binary's directory for its data (a build tree's pc-bios), the
+    # binary itself executable: bound as a file, the one sealvm checked at
+    # launch (a file put in its place later is not what QEMU sees)
+    qemu = os.path.abspath(spec.qemu)
+    binds += [[os.path.dirname(qemu), "ro"], [qemu, "rx"]]
     sec = spec.security
     binds += [[os.path.abspath(p), "rx"] for p in sec.exec_paths]
     if trampoline is not None and sec.cpr_exec:
-        binds.append([str(trampoline.parent), "rx"])
+        binds.append([str(trampoline), "rx"])
     ro = [spec.guest.kernel, *([spec.guest.initrd] if spec.guest.initrd else []),
           *spec.firmware, *sec.paths]
     binds += [[os.path.abspath(p), "ro"] for p in ro if os.path.exists(p)]
@@ -355,15 +360,17 @@ def can_execute(path: Path, uid: int, gid: int) -> bool:
 
 
 def seen_by(pid: int, path: Path) -> bool:
-    """Whether process *pid* sees *path* as the very file sealvm sees (the
-    same inode: a file replaced on the host after the VM's view was made
-    is not)."""
+    """Whether process *pid* could exec *path* as the very file sealvm sees:
+    the same inode in its view (a file replaced on the host after the view
+    was made is not), on a mount of its view that is not noexec (access(2)
+    checks that, walking *pid*'s mounts through /proc/PID/root)."""
+    inside = f"/proc/{pid}/root{os.path.abspath(path)}"
     try:
-        inside = os.stat(f"/proc/{pid}/root{os.path.abspath(path)}")
-        outside = os.stat(path)
+        st_in, st_out = os.stat(inside), os.stat(path)
     except OSError:
         return False
-    return (inside.st_dev, inside.st_ino) == (outside.st_dev, outside.st_ino)
+    return ((st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino)
+            and os.access(inside, os.X_OK))
 
 
 # ------------------------------------------------------------- inspection
