@@ -6,12 +6,14 @@ skeleton's claim, shown on real processes, through sealvm's pytest plugin
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from helpers import backend_memfd, corrupt_guest_word
-from sealvm import Machine, PreflightError, procfs
+from sealvm import Machine, PreflightError, VmSpec, live_update, procfs
 from sealvm.console import ConsoleFollower
 from sealvm.pytest_plugin import GuestChecker, Updater, VmLauncher
 
@@ -99,3 +101,33 @@ async def test_update_follows_a_serial_log_set_in_the_spec(
     assert log.exists() and not vm.paths.serial.exists()
     report = await sealvm_update(vm, "cpr-transfer", heartbeat_interval=0.01)
     assert report.heartbeat_continuous and report.pause_guest is not None
+
+
+async def test_a_vm_from_before_qemu_dir_updates(
+        run_root: Path, make_spec: Callable[..., VmSpec], sealvm_check_guest: GuestChecker
+) -> None:
+    """A VM a sealvm started before QEMU's files moved to the run
+    directory's ``qemu/`` (and before confinement) keeps running when sealvm
+    is upgraded: its state has no ``security``, its command line names
+    ``serial.log`` in the run directory itself, and there is no ``qemu/``.
+    Today's sealvm attaches to it and updates it in both modes, following
+    the serial log its command line names."""
+    old_serial = run_root / "old" / "serial.log"
+    spec = make_spec("old", serial_log=str(old_serial), scripts={"enabled": False},
+                     security={"confine": False, "seccomp": False})
+    vm = Machine(spec, run_root=run_root)
+    await vm.launch()
+    try:
+        state = json.loads(vm.paths.state.read_text())
+        del state["spec"]["serial_log"], state["spec"]["security"], state["security"]
+        vm.paths.state.write_text(json.dumps(state))
+        await vm.detach()
+        vm.paths.qemu_dir.rmdir()
+        vm = await Machine.attach("old", run_root=run_root)
+        assert vm.confinement is None and vm.serial_log == old_serial
+        for mode in ("cpr-exec", "cpr-transfer"):
+            report = await live_update(vm, mode=mode, heartbeat_interval=0.01)
+            assert report.heartbeat_continuous and report.mismatches == 0, report
+        await sealvm_check_guest(vm)
+    finally:
+        await vm.shutdown()

@@ -149,6 +149,13 @@ NON_ROOT = textwrap.dedent("""
         Machine(spec, run_root=Path("/usr"))._prepare_run_dir()
     except Exception as exc:
         out["root_owned_error"] = f"{type(exc).__name__}: {exc}"
+    from sealvm import confine
+    try:
+        confine.confinement(spec, Path(xdg, "sealvm", "vm"))
+    except Exception as exc:
+        out["confine_error"] = f"{type(exc).__name__}: {exc}"
+    unconfined = spec_from_dict({**spec.to_dict(), "security": {"confine": False}})
+    out["unconfined"] = confine.confinement(unconfined, Path(xdg, "sealvm", "vm"))
     print(json.dumps(out))
 """).replace("NOBODY", str(NOBODY))
 
@@ -167,3 +174,8 @@ def test_non_root_default_run_root() -> None:
     assert out["root_owned_error"].startswith(
         "StateError: run root /usr is owned by root (uid 0), not by ")
     assert not Path(out["xdg"]).exists()
+    # confinement needs root: a typed error naming the fix, before anything starts
+    assert out["confine_error"].startswith(
+        "HostError: security.confine: sealvm starts QEMU as a user of its own"), out
+    assert "set confine = false" in out["confine_error"]
+    assert out["unconfined"] is None

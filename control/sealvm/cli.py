@@ -138,7 +138,7 @@ async def _vm_info(vm: Machine) -> dict[str, Any]:
         "qmp": str(vm.paths.qmp),
         "scripts": None if vm.script_socket is None else {
             "socket": str(vm.script_socket), "endpoint_pid": endpoint.pid_of(vm.paths)},
-        "serial": str(vm.spec.serial_log or vm.paths.serial),
+        "serial": str(vm.serial_log),
         "net": [{"id": n.id, "mac": n.mac, "tap": n.tap, "netns": n.netns, "bridge": n.bridge,
                  "vhost": n.vhost} for n in vm.spec.net],
         "disks": [{"id": d.id, "path": str(d.path), "format": d.format, "cache": d.cache,

@@ -144,7 +144,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             print(f"QEMU {spec.qemu}\nguest {spec.guest.kernel}, {args.memory} of memfd RAM,"
                   f" heartbeat every {HB_MS} ms; pid {vm.pid}\n", flush=True)
-            async with ConsoleFollower(vm.paths.serial) as con:
+            async with ConsoleFollower(vm.serial_log) as con:
                 await con.wait_for(lambda log: len(log.passes) >= 1, 120)
                 print(HEADER, flush=True)
                 for i in range(1, args.updates + 1):

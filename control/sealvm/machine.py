@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from .errors import HostError, InterruptedUpdateError, LaunchError, QMPReplyErro
 from .host import open_vfio_fds
 from .lock import VmLock
 from .net import NetRecord
-from .plan import FdPlan, RunPaths, qemu_argv
+from .plan import FdPlan, RunPaths, qemu_argv, serial_path
 from .process import QemuProcess
 from .runroot import check_run_root, default_run_root
 from .spec import VmSpec, check_files, spec_from_dict
@@ -202,6 +202,9 @@ class Machine:
         :raise HostError: when a VFIO fd or a tap cannot be opened.
         :raise LaunchError: when QEMU cannot be executed.
         """
+        if self.state is not None and (spec.serial_log or self.paths.serial) != self.serial_log:
+            # a successor logs where its VM always has (a VM from before qemu/)
+            spec = replace(spec, serial_log=self.serial_log)
         listener = listen_unix(qmp_path)
         vfio = None
         taps: dict[str, int] = {}
@@ -241,6 +244,14 @@ class Machine:
             net.close_fds(taps)
             net.close_fds(vhost)
         return proc, argv, plan
+
+    @property
+    def serial_log(self) -> Path:
+        """The file the guest's serial console is logged to, as QEMU's command
+        line names it (a VM launched before QEMU's files moved to ``qemu/``
+        has it in the run directory itself)."""
+        named = serial_path(self.state.argv) if self.state is not None else None
+        return named or self.spec.serial_log or self.paths.serial
 
     @property
     def confinement(self) -> Confinement | None:
@@ -384,6 +395,10 @@ class Machine:
         if lock is not None:
             self.lock = lock
         self.state = state
+        # a VM launched before QEMU's files moved to qemu/ (root's: unconfined)
+        if not state.security:
+            with contextlib.suppress(FileExistsError):
+                paths.qemu_dir.mkdir(mode=0o700)
         self.process = QemuProcess(state.pid, logger=self.logger)
         try:
             if not state.alive():  # the pid was recycled while the pidfd opened

@@ -175,6 +175,39 @@ def opt_value(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+def option_value(opts: str, key: str) -> str | None:
+    """The value of *key* in a QEMU ``key=value,...`` option string (the
+    inverse of `opt_value`: ``,,`` is a comma), or None."""
+    out: list[str] | None = None
+    i = 0
+    field = ""
+    while i <= len(opts):
+        c = opts[i] if i < len(opts) else ","
+        if c == "," and opts[i + 1:i + 2] == ",":
+            field += ","
+            i += 2
+            continue
+        if c == ",":
+            name, eq, value = field.partition("=")
+            if eq and name == key:
+                out = [value]
+            field = ""
+        else:
+            field += c
+        i += 1
+    return None if out is None else out[0]
+
+
+def serial_path(argv: list[str]) -> Path | None:
+    """The guest's serial log a QEMU command line names (``-chardev
+    file,id=serial0,path=...``), or None."""
+    for a in argv:
+        if a.startswith("file,") and option_value(a, "id") == "serial0":
+            path = option_value(a, "path")
+            return None if path is None else Path(path)
+    return None
+
+
 def _size_arg(size: int) -> str:
     return str(size)
 

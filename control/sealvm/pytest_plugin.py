@@ -371,7 +371,7 @@ async def sealvm_vm(sealvm_launch: VmLauncher) -> Machine:
 
 def serial_log(vm: Machine) -> Path:
     """The file *vm*'s serial console is logged to."""
-    return vm.spec.serial_log or vm.paths.serial
+    return vm.serial_log
 
 
 class Updater:

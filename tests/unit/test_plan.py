@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from sealvm.plan import FdPlan, RunPaths, incoming_argv, qemu_argv
+from sealvm.plan import (
+    FdPlan,
+    RunPaths,
+    incoming_argv,
+    opt_value,
+    option_value,
+    qemu_argv,
+    serial_path,
+)
 from sealvm.spec import spec_from_dict
 
 
@@ -125,3 +133,14 @@ def test_commas_in_paths_are_escaped_where_qemu_parses_options() -> None:
     assert opt(argv, "-kernel") == ["/opt/a,b/guest.bin"]  # a whole argument: literal
     default = qemu_argv(spec(), RunPaths(Path("/run/a,b/t")), FdPlan(qmp_listen=7))
     assert "file,id=serial0,path=/run/a,,b/t/qemu/serial.log,append=on" in opt(default, "-chardev")
+
+
+def test_option_value_reads_what_opt_value_wrote() -> None:
+    opts = f"file,id=serial0,path={opt_value('/var/log/a,b,,c/serial.log')},append=on"
+    assert option_value(opts, "path") == "/var/log/a,b,,c/serial.log"
+    assert option_value(opts, "id") == "serial0" and option_value(opts, "append") == "on"
+    assert option_value(opts, "size") is None and option_value("file", "file") is None
+    argv = qemu_argv(spec(serial_log="/l/a,b.log"), PATHS, FdPlan(qmp_listen=3))
+    assert serial_path(argv) == Path("/l/a,b.log")
+    assert serial_path(qemu_argv(spec(), PATHS, FdPlan(qmp_listen=3))) == PATHS.serial
+    assert serial_path(["qemu", "-chardev", "file,id=other,path=/x"]) is None

@@ -250,7 +250,7 @@ class Slot:
         vm = Machine(spec, run_root=run_root)
         try:
             await vm.launch()
-            con = ConsoleFollower(vm.paths.serial)
+            con = ConsoleFollower(vm.serial_log)
             await con.__aenter__()
         except BaseException:
             await vm.shutdown()

@@ -209,10 +209,19 @@ def registered_under(root: Path, *, release: bool = False) -> list[tuple[int, Pa
 
 def confinement(spec: VmSpec, run_dir: Path) -> Confinement | None:
     """The confinement a VM launched from *spec* in *run_dir* gets (ids
-    allocated), or None when ``security.confine`` is off."""
+    allocated), or None when ``security.confine`` is off.
+
+    :raise HostError: when sealvm does not run as root (it could not start
+        QEMU as another user), or the uid range is full.
+    """
     sec = spec.security
     if not sec.confine:
         return None
+    if os.geteuid() != 0:
+        raise HostError(
+            f"security.confine: sealvm starts QEMU as a user of its own, in namespaces of its "
+            f"own, which needs root (sealvm runs as uid {os.geteuid()}); run sealvm as root, or "
+            f"set confine = false in [security] (QEMU then runs as uid {os.geteuid()})")
     uid, gid, leased = allocate(sec, run_dir)
     return Confinement(uid=uid, gid=gid, seccomp=sec.seccomp, cpr_exec=sec.cpr_exec,
                        leased=leased)

@@ -144,7 +144,7 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
             first = 0
             if heartbeat_interval is not None and was_running:
                 follower = await stack.enter_async_context(
-                    ConsoleFollower(vm.spec.serial_log or vm.paths.serial))
+                    ConsoleFollower(vm.serial_log))
                 await follower.wait_heartbeats(2, timeout)
                 first = len(follower.log.heartbeats) - 1
             try:
