@@ -48,6 +48,7 @@ from .plan import FdPlan, RunPaths, qemu_argv, serial_path
 from .process import QemuProcess
 from .runroot import check_run_root, default_run_root
 from .spec import VmSpec, check_files, spec_from_dict
+from .trampoline import trampoline as cpr_trampoline
 
 log = logging.getLogger("sealvm.vm")
 
@@ -268,9 +269,8 @@ class Machine:
         spec = self.spec.with_qemu(Path(argv[0]))
         trampoline = None
         if spec.security.cpr_exec:
-            from .update.wayback import trampoline as build_trampoline
             with contextlib.suppress(HostError):
-                trampoline = build_trampoline()
+                trampoline = cpr_trampoline()
         plan = confine.jail_plan(spec, conf, self.paths.qemu_dir, self.paths.jail_root,
                                  trampoline=trampoline)
         return confine.wrap(argv, plan)

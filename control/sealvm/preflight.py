@@ -27,6 +27,7 @@ from .errors import HostError, PreflightError, QMPReplyError
 from .host import vfio_cdev
 from .inventory import COMMAND, query_inventory, ram_block_names
 from .plan import RAM_ID
+from .trampoline import trampoline
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -486,7 +487,6 @@ def check_confinement(vm: Machine, mode: str, qemu: Path, *, way_back: bool) -> 
         return checks
     wanted = [("new binary", qemu)]
     if way_back:
-        from .update.wayback import trampoline
         try:
             wanted.append(("trampoline", trampoline()))
         except HostError as exc:

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from sealvm.update.wayback import trampoline
+from sealvm.trampoline import trampoline
 
 from .harness.l1 import NestedError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning

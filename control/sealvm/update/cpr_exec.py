@@ -30,6 +30,7 @@ from ..errors import LaunchError, QMPReplyError, SealvmError, StateError, Update
 from ..machine import Machine
 from ..plan import incoming_argv
 from ..process import QemuProcess
+from ..trampoline import trampoline
 from .context import UpdateContext, remove
 from .journal import Journal
 from .monitor import (
@@ -43,7 +44,7 @@ from .monitor import (
     status,
     wait_disconnected,
 )
-from .wayback import Keeper, trampoline
+from .wayback import Keeper
 
 
 async def run(ctx: UpdateContext) -> None:

@@ -3,7 +3,7 @@ cpr-exec's way back: a keeper that holds the guest's fds across the exec.
 
 Without it, cpr-exec is one-way: once the old image has exec()d, a new QEMU
 that crashes, exits or hangs while loading takes the guest with it.  With
-it, QEMU exec()s a small trampoline (data/exec-trampoline.c) first, which
+it, QEMU exec()s a small trampoline (`sealvm.trampoline`) first, which
 hands a copy of every fd the old QEMU preserved for cpr-exec (guest-RAM
 memfds, the CPR state memfd, the QMP listener, VFIO fds) to the keeper
 over a unix socket (SCM_RIGHTS, with their numbers), then exec()s the new
@@ -28,15 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,54 +41,6 @@ from ..errors import HostError, StateError
 from ..machine import listen_unix
 from ..plan import RunPaths
 from ..process import QemuProcess
-
-_SOURCE = "exec-trampoline.c"
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("SEALVM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "sealvm"
-
-
-def trampoline() -> Path:
-    """The trampoline binary, built from its source on first use (cached by
-    content under $SEALVM_CACHE/trampoline, or $SEALVM_TRAMPOLINE).
-
-    :raise HostError: when it cannot be built (no C compiler, no static libc).
-    """
-    env = os.environ.get("SEALVM_TRAMPOLINE")
-    if env:
-        return Path(env)
-    source = resources.files("sealvm.update").joinpath("data", _SOURCE).read_bytes()
-    key = hashlib.sha256(source).hexdigest()[:16]
-    dest = _cache_root() / "trampoline" / key / "sealvm-exec-trampoline"
-    if dest.is_file():
-        return dest
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        return _build(source, dest)
-    except OSError:  # a read-only cache (the nested L1 sees the host's): build aside
-        tmp = Path(tempfile.mkdtemp(prefix="sealvm-trampoline-"))
-        return _build(source, tmp / "sealvm-exec-trampoline")
-
-
-def _build(source: bytes, dest: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise HostError("cpr-exec's way back needs a C compiler to build its trampoline "
-                        "once (or $SEALVM_TRAMPOLINE)")
-    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
-        src = Path(work) / _SOURCE
-        src.write_bytes(source)
-        out = Path(work) / "t"
-        p = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(src)],
-                           capture_output=True, text=True, check=False)
-        if p.returncode != 0:
-            raise HostError(f"building the cpr-exec trampoline failed: {p.stderr.strip()}")
-        os.chmod(out, 0o755)
-        os.replace(out, dest)
-    return dest
-
 
 # ------------------------------------------------------------------ client
 
