@@ -20,7 +20,6 @@ import pytest
 
 from helpers import processes_mentioning
 from sealvm import UpdateError, procfs
-from sealvm.host import parse_status
 from sealvm.pytest_plugin import GuestChecker, Updater, VmLauncher
 from sealvm.update import cpr_exec
 
@@ -35,7 +34,7 @@ UNCONFINED = {"confine": False, "seccomp": False}
 
 
 def proc_status(pid: int) -> dict[str, str]:
-    return parse_status(Path(f"/proc/{pid}/status").read_text())
+    return procfs.status(pid)
 
 
 def seccomp(pid: int) -> tuple[str, str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import _ffi, confine, procfs
 from .errors import HostError
+from .procfs import parse_status
 from .spec import VfioSpec
 from .vfio import (
     VFIO_CHECK_EXTENSION,
@@ -196,16 +197,6 @@ SANDBOX = confine.SANDBOX + ",spawn=deny"
 _QEMU_SECCOMP_ACTIONS = ("kill_process", "kill_thread", "trap", "errno", "allow")
 
 _SECCOMP_MODES = {"0": "none", "1": "strict", "2": "filter"}
-
-
-def parse_status(text: str) -> dict[str, str]:
-    """/proc/PID/status as a dict: ``{"Seccomp": "0", "Uid": "0 0 0 0", ...}``."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = " ".join(value.split())
-    return fields
 
 
 def _read(path: Path) -> str | None:
@@ -434,15 +425,7 @@ def probe_vm_uids(proc: Path = PROC) -> Probe:
     clash = sorted(f"{p.pw_name} ({p.pw_uid})" for p in pwd.getpwall() if lo <= p.pw_uid < hi)
     clash += sorted(f"group {g.gr_name} ({g.gr_gid})" for g in grp.getgrall()
                     if lo <= g.gr_gid < hi)
-    running = set()
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                uid = entry.stat().st_uid
-            except OSError:
-                continue
-            if lo <= uid < hi:
-                running.add(uid)
+    running = {uid for uid in procfs.process_uids(proc) if lo <= uid < hi}
     registered = len(list(confine.REGISTRY.iterdir())) if confine.REGISTRY.is_dir() else 0
     facts = (f"uids {lo}..{hi - 1}: {registered} registered in {confine.REGISTRY}, "
              f"{len(running)} with a running process")

@@ -475,10 +475,9 @@ def check_confinement(vm: Machine, mode: str, qemu: Path, *, way_back: bool) -> 
     conf = vm.confinement
     if conf is None:
         return [Check("confinement", True, "off (security.confine = false)", warning=True)]
-    checks = [Check("vm-user", confine.can_execute(qemu, conf.uid, conf.gid),
-                    f"uid {conf.uid} gid {conf.gid} "
-                    + ("may" if confine.can_execute(qemu, conf.uid, conf.gid) else "may not")
-                    + f" read and execute {qemu}")]
+    may = confine.can_execute(qemu, conf.uid, conf.gid)
+    checks = [Check("vm-user", may, f"uid {conf.uid} gid {conf.gid} "
+                    f"{'may' if may else 'may not'} read and execute {qemu}")]
     if mode != "cpr-exec":
         return checks
     if not conf.cpr_exec:

@@ -205,6 +205,37 @@ def pids_mentioning(text: str) -> list[int]:
     return sorted(found)
 
 
+def parse_status(text: str) -> dict[str, str]:
+    """/proc/PID/status as a dict: ``{"Seccomp": "0", "Uid": "0 0 0 0", ...}``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = " ".join(value.split())
+    return fields
+
+
+def status(pid: int) -> dict[str, str]:
+    """`parse_status` of process *pid*.
+
+    :raise ProcessLookupError: when it is gone.
+    """
+    try:
+        return parse_status(Path(f"/proc/{pid}/status").read_text())
+    except FileNotFoundError as exc:
+        raise ProcessLookupError(pid) from exc
+
+
+def process_uids(proc: Path = Path("/proc")) -> set[int]:
+    """The uids that own a process (of /proc's directories)."""
+    uids = set()
+    for entry in os.scandir(proc):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                uids.add(entry.stat().st_uid)
+    return uids
+
+
 def exe_of(pid: int) -> str:
     """The executable *pid* runs now (changes at exec)."""
     return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from sealvm.host import (
-    parse_status,
     probe_mountns,
     probe_seccomp,
     probe_userns,
@@ -18,6 +17,7 @@ from sealvm.host import (
     resolve_user,
     sandbox_verdict,
 )
+from sealvm.procfs import parse_status
 
 STATUS = ("Name:\tpython3\nUid:\t0\t0\t0\t0\nNoNewPrivs:\t0\n"
           "Seccomp:\t{mode}\nSeccomp_filters:\t{n}\n")

@@ -117,15 +117,6 @@ def _fixed_ids(user: str) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def _uids_in_use() -> set[int]:
-    used = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                used.add(os.stat(entry.path).st_uid)
-    return used
-
-
 @contextlib.contextmanager
 def _registry_lock() -> Iterator[None]:
     REGISTRY.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -171,7 +162,7 @@ def allocate(security: SecuritySpec, run_dir: Path) -> tuple[int, int, bool]:
         return uid, gid, False
     start = int.from_bytes(hashlib.sha256(os.fsencode(run_dir)).digest()[:4], "little")
     with _registry_lock():
-        busy = _uids_in_use()
+        busy = procfs.process_uids()
         for k in range(UID_COUNT):
             uid = UID_BASE + (start + k) % UID_COUNT
             if uid in busy:
@@ -405,13 +396,7 @@ class ProcessConfinement:
 
 def inspect(pid: int) -> ProcessConfinement:
     """:raise ProcessLookupError: when *pid* is gone."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    except FileNotFoundError as exc:
-        raise ProcessLookupError(pid) from exc
+    fields = procfs.status(pid)
     own = []
     for ns in ("mnt", "net", "ipc", "uts", "pid", "user"):
         with contextlib.suppress(OSError):

@@ -112,8 +112,7 @@ def bind(root: str, path: str, mode: str, covered: bool) -> None:
 
 def build(plan: dict[str, object]) -> None:
     root = str(plan["root"])
-    _check(ctypes.CDLL(None, use_errno=True).unshare(
-        CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m")
     done: list[tuple[str, str]] = []
