@@ -99,6 +99,12 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     progress = cli.run("update", "clivm")  # human output, progress on stderr
     assert progress.returncode == 0, progress.stderr
     assert "preflight" in progress.stderr and "cpr-exec done" in progress.stdout
+    assert "warm" in progress.stderr  # pages warmed for the new image (default)
+    cold = cli.run("update", "clivm", "--warm", "0")
+    assert cold.returncode == 0 and "warm" not in cold.stderr, cold.stderr
+    for bad in ("1T", "lots", "-4M"):  # usage errors, the VM untouched
+        usage = cli.run("update", "clivm", "--warm", bad)
+        assert usage.returncode == 2 and "--warm" in usage.stderr, usage.stderr
 
     down = cli.json("down", "clivm")
     assert down["status"] == "down"

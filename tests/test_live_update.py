@@ -38,6 +38,7 @@ async def test_ten_cpr_exec_updates_keep_the_guest(
         assert report.heartbeat_continuous and report.mismatches == 0
         assert report.pause_qmp is not None and 0 < report.pause_qmp < 10
         assert report.pause_guest is not None and report.pause_guest < 10
+        assert "warm" in report.phases  # pages warmed for the new image, before the pause
     # every word written before the last update is verified after it; the
     # heartbeat counter never reset since boot, no reboot, no mismatch
     check = await sealvm_check_guest(vm)

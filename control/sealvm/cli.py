@@ -85,8 +85,10 @@ from .machine import (
 from .plan import RunPaths
 from .preflight import run_preflight
 from .runroot import default_run_root
-from .spec import load_spec, spec_from_dict
+from .spec import load_spec, parse_size, spec_from_dict
 from .update import RecoverReport, abandon, live_update, plan_recovery, recover
+from .update.warm import DEFAULT_SIZE as WARM_DEFAULT
+from .update.warm import MAX_SIZE as WARM_MAX
 
 #: exit code of each `recover` outcome
 RECOVER_EXIT = {"none": 0, "completed": 0, "rolled-back": 5, "lost": 6}
@@ -327,7 +329,7 @@ async def _update(args: argparse.Namespace, out: Output, vm: Machine, mode: str)
         vm, qemu=Path(args.qemu) if args.qemu else None,
         mode=mode,
         heartbeat_interval=args.heartbeat_ms / 1000 if args.heartbeat_ms else None,
-        timeout=args.timeout,
+        timeout=args.timeout, warm_pages=args.warm,
         progress=lambda phase, s: out.progress(f"  {phase:<10} {1000 * s:8.1f} ms"))
     pause = f"{1000 * report.pause_qmp:.1f} ms" if report.pause_qmp is not None else "unknown"
     text = (f"{args.vm}: {report.mode} done in {1000 * report.total:.0f} ms, guest paused "
@@ -410,6 +412,21 @@ def _json_args(value: str) -> dict[str, Any]:
     if not isinstance(arguments, dict):
         raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"path": "/machine"}\'')
     return arguments
+
+
+def _warm_size(value: str) -> int:
+    """argparse type of --warm: 0 or a size up to `warm.MAX_SIZE`, else a
+    usage error."""
+    if value.strip() == "0":
+        return 0
+    try:
+        size = parse_size(value, "--warm")
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if size > WARM_MAX:
+        raise argparse.ArgumentTypeError(f"{value!r} per CPU is more than "
+                                         f"{WARM_MAX >> 20}M, the most it warms")
+    return size
 
 
 def _probe_names(value: str) -> list[str]:
@@ -497,6 +514,10 @@ def parser() -> argparse.ArgumentParser:
                      help="the guest is the sealvm test guest with this heartbeat: "
                           "measure the pause it sees")
     upd.add_argument("--timeout", type=float, default=60.0)
+    upd.add_argument("--warm", type=_warm_size, default=WARM_DEFAULT, metavar="SIZE",
+                     help="cpr-exec: memory per CPU touched and freed before the pause so "
+                          "that the new QEMU starts on pages the host has backed "
+                          f"(default {WARM_DEFAULT >> 20}M; 0: off)")
     upd.add_argument("--dry-run", action="store_true",
                      help="run the preflight checks only and print them all (exit 4 if refused)")
     for verb in ("pause", "resume"):

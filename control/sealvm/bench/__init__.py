@@ -22,6 +22,8 @@ Modes:
   sealvm-exec       cpr-exec with our QEMU
   sealvm-exec-oneway  the same without the way back (no keeper, no trampoline:
                     what the way back costs)
+  sealvm-exec-cold  the same without warming pages for the new image
+                    (`sealvm.update.warm`: what warming saves)
   upstream-exec     cpr-exec with pristine QEMU 10.2.2 (make qemu-upstream)
   sealvm-transfer   cpr-transfer with our QEMU
   classic           live migration to a new local QEMU over a unix socket

@@ -17,6 +17,7 @@ from ..spec import parse_size, spec_from_dict
 MODES = {
     "sealvm-exec": ("sealvm", "cpr-exec"),
     "sealvm-exec-oneway": ("sealvm", "cpr-exec"),
+    "sealvm-exec-cold": ("sealvm", "cpr-exec"),
     "upstream-exec": ("upstream", "cpr-exec"),
     "sealvm-transfer": ("sealvm", "cpr-transfer"),
     "classic": ("sealvm", "migrate"),

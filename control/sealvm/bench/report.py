@@ -150,6 +150,8 @@ def ratios(points: list[Point]) -> dict[str, dict[str, float | None]]:
         get("sealvm-exec", 4 * GIB, "total"), get("classic", 4 * GIB, "total"))
     out["way back cost: sealvm-exec/sealvm-exec-oneway pause at 1G"] = div(
         get("sealvm-exec", GIB, "pause_guest"), get("sealvm-exec-oneway", GIB, "pause_guest"))
+    out["warm pages: sealvm-exec/sealvm-exec-cold pause at 8G"] = div(
+        get("sealvm-exec", 8 * GIB, "pause_guest"), get("sealvm-exec-cold", 8 * GIB, "pause_guest"))
     added = summarize(FIGURES["ctl_added"](s) for p in points if p.mode == "sealvm-exec"
                       for s in p.samples)
     out["controller added (sealvm-exec, s)"] = {s: getattr(added, s) for s in STATS}

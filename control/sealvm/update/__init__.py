@@ -31,7 +31,7 @@ from ..errors import PreflightError, QMPReplyError, SealvmError, StateError, Upd
 from ..machine import Machine
 from ..machine import Runstate as VmRunstate
 from ..preflight import MODES, Check, run_preflight
-from . import cpr_exec, transfer
+from . import cpr_exec, transfer, warm
 from .context import UpdateContext
 from .journal import Journal
 from .monitor import UPDATABLE
@@ -52,6 +52,7 @@ async def live_update(
     require_sealed: bool = True,
     verify_pass: bool = True,
     way_back: bool = True,
+    warm_pages: int = warm.DEFAULT_SIZE,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
@@ -83,13 +84,14 @@ async def live_update(
     with vm.lock.hold("update"):
         return await _update(vm, qemu=qemu, mode=mode, heartbeat_interval=heartbeat_interval,
                              timeout=timeout, progress=progress, require_sealed=require_sealed,
-                             verify_pass=verify_pass, way_back=way_back)
+                             verify_pass=verify_pass, way_back=way_back,
+                             warm_pages=warm_pages)
 
 
 async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                   heartbeat_interval: float | None, timeout: float,
                   progress: Progress | None, require_sealed: bool,
-                  verify_pass: bool, way_back: bool) -> UpdateReport:
+                  verify_pass: bool, way_back: bool, warm_pages: int) -> UpdateReport:
     assert vm.state is not None and vm.pid is not None
     if vm.paths.journal.exists():
         Journal.begin(vm.paths)  # raises InterruptedUpdateError, naming the file
@@ -124,7 +126,7 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
     ctx = UpdateContext(vm=vm, qemu=new_qemu, clock=clock, report=report, journal=journal,
                         deadline=asyncio.get_running_loop().time() + timeout,
                         timeout=timeout, was_running=was_running, marker=marker,
-                        way_back=way_back)
+                        way_back=way_back, warm_pages=warm_pages)
     vm.runstate = VmRunstate.UPDATING
     completed_error: UpdateError | None = None
     endpoint.notify(vm.paths, "update-start", mode=mode, old_qemu=report.qemu_before,

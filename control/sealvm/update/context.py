@@ -27,6 +27,8 @@ class UpdateContext:
     marker: str
     #: cpr-exec: hand the fds to a keeper across the exec (`wayback`)
     way_back: bool = True
+    #: cpr-exec: bytes per CPU warmed for the new image before the pause (`warm`)
+    warm_pages: int = 0
 
 
 def remove(*paths: Path) -> None:

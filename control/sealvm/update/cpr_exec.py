@@ -44,6 +44,7 @@ from .monitor import (
     status,
     wait_disconnected,
 )
+from .warm import warm
 from .wayback import Keeper
 
 
@@ -73,6 +74,9 @@ async def run(ctx: UpdateContext) -> None:
             await keeper.release()
         journal.end("rolled-back", error=str(exc))
         raise UpdateError(f"cpr-exec not started: {exc}", rolled_back=True) from exc
+    if ctx.warm_pages > 0:
+        vm.logger.info("%s", await warm(vm.process.pid, ctx.warm_pages))
+        clock.mark("warm")
     journal.record("migrate", argv=new_argv, uri=uri, command=command,
                    keeper=keeper.record() if keeper is not None else {})
     old = vm.qmp
