@@ -115,6 +115,26 @@ def _report(guest: float | None, qmp: float | None) -> UpdateReport:
                         pause_qmp=qmp, phases={"exec": 0.03}, total=0.1)
 
 
+def test_worst_size_goals() -> None:
+    """The absolute goals take each statistic's worst size; a mode that was
+    not run is "not measured", not met."""
+    def point(mode: str, size: int, *guest: float) -> Point:
+        return Point(mode, size, "together", [Sample(i, _report(g, g - 0.002))
+                                              for i, g in enumerate(guest)])
+    pts = [point("sealvm-exec", 1 << 30, 0.040, 0.050, 0.070),
+           point("sealvm-exec", 8 << 30, 0.045, 0.055, 0.058)]
+    r = report.ratios(pts)
+    exe = r["sealvm-exec guest-seen pause, worst size (s)"]
+    assert exe == {"p50": 0.055, "p95": 0.070}  # p50 from 8G, p95 from 1G
+    lines = "\n".join(report.ratio_lines(r))
+    assert "sealvm-exec guest-seen pause, worst size (s)" in lines
+    assert "[<= 0.06]  MISSED (p95)" in lines
+    assert "sealvm-transfer guest-seen pause, worst size (s)" in lines
+    assert "[<= 0.02]  not measured" in lines
+    ok = report.ratios([point("sealvm-transfer", 1 << 30, 0.010, 0.012, 0.015)])
+    assert report.verdict(ok["sealvm-transfer guest-seen pause, worst size (s)"], 0.020) == "ok"
+
+
 def test_table_shows_missing_values_and_failures() -> None:
     p = Point("sealvm-exec", 256 << 20, "together")
     p.samples = [Sample(0, _report(0.04, 0.03), resident=256 << 20, mapped=128 << 20,
