@@ -11,6 +11,7 @@ import pytest
 
 from sealvm.bench import args, history, report
 from sealvm.bench.__main__ import main
+from sealvm.bench.batch import Batch, BatchRound
 from sealvm.bench.run import Point, Sample
 from sealvm.bench.stats import Dist, percentile, summarize
 from sealvm.update import UpdateReport
@@ -72,6 +73,14 @@ def binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (["--modes", ""], "--modes"),
     (["--modes", "classic,classic"], "--modes"),
     (["--vms", "some"], "--vms"),
+    (["--at-once", ""], "--at-once"),
+    (["--at-once", "1,0"], "--at-once"),
+    (["--at-once", "4,4"], "--at-once"),
+    (["--at-once", "100"], "--at-once"),
+    (["--at-once", "two"], "--at-once"),
+    (["--at-once-size", "1G,2G"], "--at-once-size"),
+    (["--at-once-size", "5M"], "--at-once-size"),
+    (["--at-once-rounds", "0"], "--at-once-rounds"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v) or "empty")
 def test_bad_argument_is_a_usage_error(argv: list[str], named: str, binaries: list[str],
                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,6 +110,9 @@ def test_good_arguments(binaries: list[str]) -> None:
     assert cfg.all_sizes() == [256 << 20, 512 << 20, 1 << 30]
     assert cfg.modes_at(1 << 30) == ["sealvm-exec-2M"]
     assert cfg.modes_at(256 << 20) == ["sealvm-exec"]
+    assert cfg.at_once == [1, 4, 8] and cfg.at_once_size == 512 << 20
+    assert args.parse([*binaries, "--at-once", "none"]).at_once == []
+    assert args.parse([*binaries, "--at-once", "2, 3", "--at-once-size", "256M"]).at_once == [2, 3]
     # no upstream mode: no upstream binary needed
     cfg = args.parse([*binaries[:2], *binaries[4:], "--modes", "sealvm-transfer"])
     assert cfg.qemu_upstream is None
@@ -133,6 +145,28 @@ def test_worst_size_goals() -> None:
     assert "[<= 0.02]  not measured" in lines
     ok = report.ratios([point("sealvm-transfer", 1 << 30, 0.010, 0.012, 0.015)])
     assert report.verdict(ok["sealvm-transfer guest-seen pause, worst size (s)"], 0.020) == "ok"
+
+
+def test_at_once_table_and_goal() -> None:
+    """Wall time per round of several VMs at once against one; a failed
+    round has no wall time and counts as missing; a count not run is
+    'not measured'."""
+    def batch(count: int, *walls: float | None) -> Batch:
+        b = Batch(count, 512 << 20)
+        b.rounds = [BatchRound(i, w, [_report(0.04, 0.03)] * count,
+                               [] if w is not None else ["vm: UpdateError: boom"])
+                    for i, w in enumerate(walls)]
+        return b
+    one, eight = batch(1, 0.20, 0.22, 0.25), batch(8, 0.50, None, 0.60)
+    skipped = Batch(16, 512 << 20, skipped="16 VMs of 512 MiB need 8192 MiB")
+    text = "\n".join(report.batch_table([one, eight, skipped]))
+    assert "220.0/250.0/250.0" in text and "500.0/600.0/600.0 [2/3]" in text
+    assert "skipped: 16 VMs" in text
+    r = report.ratios([], [one, eight])["wall(8 VMs at once)/wall(1 VM) sealvm-exec"]
+    assert r == {"p50": 0.50 / 0.22, "p95": 0.60 / 0.25}
+    lines = "\n".join(report.ratio_lines(report.ratios([], [one, eight])))
+    assert "[<= 2.0]  MISSED (p50, p95)" in lines
+    assert "[<= 2.0]  not measured" in "\n".join(report.ratio_lines(report.ratios([], [one])))
 
 
 def test_table_shows_missing_values_and_failures() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from . import __doc__ as DOC
 from . import args, history, report
+from .batch import run_batches
 from .run import NR_HUGEPAGES, restore_hugepages, run_all
 
 REPO = Path(__file__).resolve().parents[3]
@@ -29,9 +31,13 @@ async def run(cfg: args.Config) -> int:
         points = await run_all(cfg, skipped, failed)
     finally:
         restore_hugepages(hugepages_before)
+    batches = []
+    if cfg.at_once and cfg.qemu is not None:
+        with tempfile.TemporaryDirectory(prefix="sealvm-bench-") as tmp:
+            batches = await run_batches(cfg, qemu=cfg.qemu, run_root=Path(tmp), failed=failed)
     load_end = history.loadavg()
-    r = report.ratios(points)
-    lines = report.table(points)
+    r = report.ratios(points, batches)
+    lines = report.table(points) + report.batch_table(batches)
     lines += [""] + [f"skipped: {s}" for s in skipped] + [f"FAILED: {s}" for s in failed]
     lines += report.ratio_lines(r)
     print("\n" + "\n".join(lines))
@@ -44,17 +50,21 @@ async def run(cfg: args.Config) -> int:
         "load_end": load_end,
         "machine": history.machine({"sealvm": cfg.qemu, "upstream": cfg.qemu_upstream}),
         "args": {"sizes": cfg.sizes, "hugetlb_sizes": cfg.hugetlb_sizes, "modes": cfg.modes,
-                 "updates": cfg.updates, "vms": cfg.vms},
+                 "updates": cfg.updates, "vms": cfg.vms, "at_once": cfg.at_once,
+                 "at_once_size": cfg.at_once_size, "at_once_rounds": cfg.at_once_rounds},
         "table": stem,
         "duration": round(time.time() - started.timestamp()),
         "points": [_brief(report.summary(p)) for p in points],
+        "at_once": [report.batch_summary(b) for b in batches],
         "ratios": r,
         "skipped": skipped,
         "failed": failed,
     }
     data = dict(entry, points=[report.summary(p) for p in points],
                 samples=[{"mode": p.mode, "size": p.size,
-                          "samples": [s.to_dict() for s in p.samples]} for p in points])
+                          "samples": [s.to_dict() for s in p.samples]} for p in points],
+                at_once_rounds=[{"count": b.count, "rounds": [x.to_dict() for x in b.rounds]}
+                                for b in batches])
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     header = (f"sealvm bench {entry['date']}  commit {entry['commit']}  load "
               f"{load_start} -> {load_end}  machine {json.dumps(entry['machine'])}")

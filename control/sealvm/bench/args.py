@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SpecError
@@ -25,6 +25,10 @@ MODES = {
     "upstream-exec-2M": ("upstream", "cpr-exec"),
 }
 DEFAULT_UPDATES = 20
+#: several VMs updated at once (`batch`): how many, of what size, how often
+DEFAULT_AT_ONCE = "1,4,8"
+DEFAULT_AT_ONCE_SIZE = "512M"
+DEFAULT_AT_ONCE_ROUNDS = 10
 VMS_CHOICES = ("auto", "together", "one-at-a-time")
 
 
@@ -46,6 +50,9 @@ class Config:
     qemu_upstream: Path | None
     guest: Path | None
     compare: bool
+    at_once: list[int] = field(default_factory=list)
+    at_once_size: int = 512 << 20
+    at_once_rounds: int = DEFAULT_AT_ONCE_ROUNDS
 
     def sizes_of(self, mode: str) -> list[int]:
         return self.hugetlb_sizes if is_hugetlb(mode) else self.sizes
@@ -75,6 +82,13 @@ def parser(doc: str | None = None) -> argparse.ArgumentParser:
                         "being updated paused); one-at-a-time: each round launches each "
                         "mode's VM for one update; auto (default): together when their RAM "
                         "fits in MemAvailable less 2 GiB")
+    p.add_argument("--at-once", default=DEFAULT_AT_ONCE, metavar="COUNTS",
+                   help="also update this many VMs at once, comma-separated, with cpr-exec "
+                        "(`sealvm update A B ...`; default %(default)s; none: not at all)")
+    p.add_argument("--at-once-size", default=DEFAULT_AT_ONCE_SIZE, metavar="SIZE",
+                   help="guest RAM of each of those VMs (default %(default)s)")
+    p.add_argument("--at-once-rounds", type=int, default=DEFAULT_AT_ONCE_ROUNDS,
+                   metavar="N", help="rounds per count (default %(default)s)")
     p.add_argument("--out", default="bench-results",
                    help="directory of the dated tables and history.jsonl (default %(default)s)")
     p.add_argument("--compare", action="store_true",
@@ -108,6 +122,21 @@ def _sizes(p: argparse.ArgumentParser, option: str, text: str, *, hugetlb: bool)
     return sizes
 
 
+def _counts(p: argparse.ArgumentParser, text: str) -> list[int]:
+    """--at-once: VM counts, each 1..64, or "none"."""
+    if text.strip() == "none":
+        return []
+    counts = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item.isdigit() or not 1 <= int(item) <= 64:
+            p.error(f"--at-once: {item!r} is not a count of VMs from 1 to 64 "
+                    "(give e.g. 1,4,8, or none)")
+        if int(item) in counts:
+            p.error(f"--at-once: {item!r} given twice")
+        counts.append(int(item))
+    return counts
+
+
 def parse(argv: list[str] | None = None, *, doc: str | None = None) -> Config:
     """Parse and check *argv*; a bad argument exits 2 with a usage error."""
     p = parser(doc)
@@ -129,6 +158,12 @@ def parse(argv: list[str] | None = None, *, doc: str | None = None) -> Config:
                 f"(the figures want {DEFAULT_UPDATES} or more)")
     sizes = _sizes(p, "--sizes", a.sizes, hugetlb=False)
     hugetlb_sizes = _sizes(p, "--hugetlb-sizes", a.hugetlb_sizes, hugetlb=True)
+    at_once = _counts(p, a.at_once)
+    at_once_size = _sizes(p, "--at-once-size", a.at_once_size, hugetlb=False)
+    if len(at_once_size) != 1:
+        p.error(f"--at-once-size: one size, not {a.at_once_size!r}")
+    if a.at_once_rounds < 1:
+        p.error(f"--at-once-rounds: {a.at_once_rounds}; give at least 1")
     need = {"--qemu": a.qemu, "--guest": a.guest}
     if any(MODES[m][0] == "upstream" for m in modes):
         need["--qemu-upstream"] = a.qemu_upstream
@@ -141,4 +176,6 @@ def parse(argv: list[str] | None = None, *, doc: str | None = None) -> Config:
     return Config(sizes=sizes, hugetlb_sizes=hugetlb_sizes, modes=modes, updates=a.updates,
                   vms=a.vms, out=out, qemu=Path(a.qemu) if a.qemu else None,
                   qemu_upstream=Path(a.qemu_upstream) if a.qemu_upstream else None,
+                  at_once=at_once, at_once_size=at_once_size[0],
+                  at_once_rounds=a.at_once_rounds,
                   guest=Path(a.guest) if a.guest else None, compare=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import MODES
+from .batch import Batch
 from .run import TEARDOWN_HOLDER, Point, Sample
 from .stats import Dist, summarize
 
@@ -121,11 +122,13 @@ GOALS = {
     "controller added (sealvm-exec, s)": 0.005,
     "sealvm-exec guest-seen pause, worst size (s)": 0.060,
     "sealvm-transfer guest-seen pause, worst size (s)": 0.020,
+    "wall(8 VMs at once)/wall(1 VM) sealvm-exec": 2.0,
 }
 STATS = ("p50", "p95")
 
 
-def ratios(points: list[Point]) -> dict[str, dict[str, float | None]]:
+def ratios(points: list[Point], batches: list[Batch] | None = None
+           ) -> dict[str, dict[str, float | None]]:
     """Each ratio on p50 and on p95 (the ratio of the two p50s, of the two
     p95s)."""
     def get(mode: str, size: int, key: str) -> Dist | None:
@@ -160,7 +163,39 @@ def ratios(points: list[Point]) -> dict[str, dict[str, float | None]]:
     for mode in ("sealvm-exec", "sealvm-transfer"):
         out[f"{mode} guest-seen pause, worst size (s)"] = worst(
             [figures(p)["pause_guest"] for p in points if p.mode == mode])
+    walls = {b.count: batch_figures(b)["wall"] for b in batches or []}
+    out["wall(8 VMs at once)/wall(1 VM) sealvm-exec"] = div(walls.get(8), walls.get(1))
     return out
+
+
+def batch_figures(b: Batch) -> dict[str, Dist]:
+    """A count's wall time per round, and every VM's pauses."""
+    return {"wall": summarize(r.wall for r in b.rounds),
+            "pause_guest": summarize(rep.pause_guest for r in b.rounds for rep in r.reports),
+            "pause_qmp": summarize(rep.pause_qmp for r in b.rounds for rep in r.reports)}
+
+
+def batch_summary(b: Batch) -> dict[str, Any]:
+    return {"count": b.count, "size": b.size, "skipped": b.skipped,
+            "figures": {k: d.to_dict() for k, d in batch_figures(b).items()}}
+
+
+def batch_table(batches: list[Batch]) -> list[str]:
+    """Several VMs updated at once: wall time per round, pauses per VM."""
+    if not batches:
+        return []
+    lines = ["", f"several VMs updated at once (sealvm-exec, "
+             f"{batches[0].size >> 20} MiB each, all running), ms:",
+             f"  {'VMs':>3}  {'rounds':>6}  {'wall p50/p95/max':>22}  "
+             f"{'guest p50/p95/max, each VM':>28}  {'QMP p50/p95/max':>20}"]
+    for b in batches:
+        if b.skipped:
+            lines.append(f"  {b.count:>3}  skipped: {b.skipped}")
+            continue
+        f = batch_figures(b)
+        lines.append(f"  {b.count:>3}  {len(b.rounds):>6}  {cell(f['wall']):>22}  "
+                     f"{cell(f['pause_guest']):>28}  {cell(f['pause_qmp']):>20}")
+    return lines
 
 
 def worst(dists: list[Dist | None]) -> dict[str, float | None]:

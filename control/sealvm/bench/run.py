@@ -239,11 +239,11 @@ class Slot:
 
     @classmethod
     async def launch(cls, mode: str, size: int, *, qemu: Path, guest: Path,
-                     run_root: Path) -> Slot:
+                     run_root: Path, name: str | None = None) -> Slot:
         _, live_mode = MODES[mode]
         passes = " pattern_passes=1" if live_mode == "migrate" else ""
         spec = spec_from_dict({
-            "name": f"bench-{mode}-{size >> 20}m",
+            "name": name or f"bench-{mode}-{size >> 20}m",
             "qemu": str(qemu),
             "memory": {"size": size, "hugetlb": is_hugetlb(mode)},
             "guest": {"kernel": str(guest), "cmdline": f"hb_ms={HB_MS}{passes}"},
@@ -264,7 +264,7 @@ class Slot:
         await self.vm.shutdown()
 
 
-def _passes_at_least(n: int) -> Callable[[ConsoleLog], bool]:
+def passes_at_least(n: int) -> Callable[[ConsoleLog], bool]:
     return lambda log: len(log.passes) >= n
 
 
@@ -277,11 +277,11 @@ async def update_once(slot: Slot, mode: str, *, qemu: Path, rnd: int) -> Sample:
     _, live_mode = MODES[mode]
     if live_mode == "migrate":
         # classic: one pass writes all RAM, then the guest idles
-        await con.wait_for(_passes_at_least(1), WAIT)
+        await con.wait_for(passes_at_least(1), WAIT)
     else:
         # a whole pass, begun after the last update: all of the RAM is
         # mapped in the QEMU about to be replaced
-        await con.wait_for(_passes_at_least(len(con.log.passes) + 2), WAIT)
+        await con.wait_for(passes_at_least(len(con.log.passes) + 2), WAIT)
     sample = Sample(rnd)
     assert vm.pid is not None
     sample.resident, sample.mapped = ram_touched(vm.pid)
@@ -322,7 +322,7 @@ def _rotated(modes: list[str], rnd: int) -> list[str]:
     return modes[k:] + modes[:k]
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(f"bench: {text}", flush=True)
 
 
@@ -358,7 +358,7 @@ async def run_size(cfg: Config, size: int, modes: list[str], *, vms: str,
                 except (SealvmError, TimeoutError, OSError) as exc:
                     sample.error = f"{type(exc).__name__}: {exc}"
                     failed.append(f"{where}: {sample.error}")
-                    _say(f"FAILED {failed[-1]}")
+                    say(f"FAILED {failed[-1]}")
                     if (broken := slots.pop(mode, None)) is not None:
                         await broken.close()
                 points[mode].samples.append(sample)
@@ -366,7 +366,7 @@ async def run_size(cfg: Config, size: int, modes: list[str], *, vms: str,
                 if r is not None:
                     teardown = ("" if sample.teardown is None
                                 else f", teardown {_ms(sample.teardown)} ms")
-                    _say(f"{where}: guest {_ms(r.pause_guest)} ms, QMP {_ms(r.pause_qmp)} ms"
+                    say(f"{where}: guest {_ms(r.pause_guest)} ms, QMP {_ms(r.pause_qmp)} ms"
                          f"{teardown}, total {_ms(sample.total)} ms")
     finally:
         for slot in slots.values():
@@ -393,16 +393,16 @@ async def run_all(cfg: Config, skipped: list[str], failed: list[str]) -> list[Po
                 if reason is not None:
                     for mode in huge:
                         skipped.append(f"{mode} {size >> 20} MiB: {reason}")
-                        _say(f"skip {skipped[-1]}")
+                        say(f"skip {skipped[-1]}")
                     modes = [m for m in modes if m not in huge]
                     if not modes:
                         continue
-            _say(f"{size >> 20} MiB: {', '.join(modes)}, {cfg.updates} rounds, VMs {vms} "
+            say(f"{size >> 20} MiB: {', '.join(modes)}, {cfg.updates} rounds, VMs {vms} "
                  f"({why})")
             start = time.monotonic()
             points += await run_size(cfg, size, modes, vms=vms, binaries=binaries,
                                      run_root=Path(tmp), failed=failed)
-            _say(f"{size >> 20} MiB done in {time.monotonic() - start:.0f} s")
+            say(f"{size >> 20} MiB done in {time.monotonic() - start:.0f} s")
     return points
 
 
