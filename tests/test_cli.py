@@ -184,3 +184,40 @@ def test_host_check_unknown_capability_is_a_usage_error(cli: Cli) -> None:
     p = cli.run("host-check", "--require", "memfd-seals,warp-drive")
     assert p.returncode == 2
     assert "warp-drive" in p.stderr and "valid names: memfd-noexec-seal" in p.stderr
+
+
+def test_update_several_vms_at_once(cli: Cli, tmp_path: Path, qemu_binary: Path,
+                                    guest_image: Path) -> None:
+    """`sealvm update A B C` updates each as `update A` would, at once; a VM
+    that cannot be updated (here: no such VM) fails alone, and the exit code
+    is the most severe of theirs."""
+    pids = {}
+    for name in ("fleet-a", "fleet-b"):
+        spec = tmp_path / f"{name}.toml"
+        spec.write_text(f'name = "{name}"\nqemu = "{qemu_binary}"\n[memory]\nsize = "256M"\n'
+                        f'[guest]\nkernel = "{guest_image}"\ncmdline = "hb_ms=10"\n')
+        pids[name] = cli.json("up", str(spec))["pid"]
+    both = cli.json("update", "fleet-a", "fleet-b", "--heartbeat-ms", "10", "--parallel", "2")
+    assert both["exit_code"] == 0 and both["wall"] > 0 and both["parallel"] == 2
+    assert [u["vm"] for u in both["updates"]] == ["fleet-a", "fleet-b"]
+    for u in both["updates"]:
+        assert u["exit_code"] == 0 and u["pid_before"] == u["pid_after"] == pids[u["vm"]]
+        assert u["ram_inode_unchanged"] and u["mismatches"] == 0
+    for name in pids:
+        assert cli.json("status", name)["generation"] == 1
+
+    mixed = cli.json("update", "fleet-a", "no-such-vm", "--mode", "transfer", rc=7)
+    a, missing = mixed["updates"]
+    assert a["exit_code"] == 0 and a["pid_after"] != pids["fleet-a"]
+    assert missing["error"] == "StateError" and missing["exit_code"] == 7
+    assert cli.json("status", "fleet-a")["generation"] == 2
+    assert cli.json("status", "fleet-b")["generation"] == 1  # not named: untouched
+
+    text = cli.run("update", "fleet-a", "fleet-b")  # human output: a line per VM
+    assert text.returncode == 0, text.stderr
+    assert "fleet-a: cpr-exec done" in text.stdout and "fleet-b: cpr-exec done" in text.stdout
+    assert "2 VMs in " in text.stdout
+    assert cli.run("update", "fleet-a", "fleet-a").returncode == 2  # named twice
+    for bad in ("0", "-1", "all"):
+        usage = cli.run("update", "fleet-a", "fleet-b", "--parallel", bad)
+        assert usage.returncode == 2 and "--parallel" in usage.stderr, usage.stderr

@@ -6,12 +6,15 @@ sealvm: the command line for VM operators and scripts.
     up SPEC                      launch the VM a TOML spec describes; returns
                                  once its monitor answers (QEMU keeps running)
     status [VM]                  one VM in detail, or every VM in the run dir
-    update VM [--qemu PATH] [--mode exec|transfer|migrate] [--dry-run]
+    update VM... [--qemu PATH] [--mode exec|transfer|migrate] [--dry-run]
                                  live-update the VM's QEMU (default: same binary,
                                  cpr-exec; migrate = classic, RAM copied);
                                  progress on stderr; --dry-run prints every
                                  preflight check (RAM, seals, devices, binary...);
-                                 a paused guest stays paused
+                                 a paused guest stays paused; several VMs are
+                                 updated each as alone, --parallel N at a time
+                                 (default 1) ({"updates": [...], "wall": s};
+                                 exit code: the most severe)
     recover VM                   finish or roll back an update whose controller
                                  died (every verb below does this first)
     pause VM / resume VM         stop / continue the guest's vCPUs
@@ -56,6 +59,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -112,6 +116,19 @@ def exit_code(exc: SealvmError) -> int:
     return 1
 
 
+def error_info(exc: SealvmError) -> dict[str, Any]:
+    """What --json prints for a sealvm error."""
+    return {"error": type(exc).__name__, "message": str(exc), "exit_code": exit_code(exc),
+            **({"rolled_back": exc.rolled_back, "outcome": exc.outcome}
+               if isinstance(exc, UpdateError) else {}),
+            **({"reasons": exc.reasons} if isinstance(exc, PreflightError) else {})}
+
+
+#: several VMs updated at once exit with the most severe of their codes, in
+#: this order: the guest not resumed first, a refused update last
+SEVERITY = (6, 11, 1, 9, 8, 10, 7, 3, 5, 4, 0)
+
+
 class Output:
     """Human text on stdout, or one JSON object; progress on stderr."""
 
@@ -126,6 +143,19 @@ class Output:
 
     def progress(self, message: str) -> None:
         print(f"sealvm: {message}", file=sys.stderr, flush=True)
+
+
+class Collected(Output):
+    """An `Output` that keeps the result (one VM of several); progress
+    still goes to stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(as_json=True)
+        self.data: dict[str, Any] = {}
+        self.text = ""
+
+    def result(self, data: dict[str, Any], text: str) -> None:
+        self.data, self.text = data, text
 
 
 async def _vm_info(vm: Machine) -> dict[str, Any]:
@@ -310,8 +340,44 @@ async def cmd_endpoint(args: argparse.Namespace, out: Output) -> int:
 
 async def cmd_update(args: argparse.Namespace, out: Output) -> int:
     mode = "migrate" if args.mode == "migrate" else f"cpr-{args.mode}"
-    async with _attached(args, out, "update") as vm:
-        return await _update(args, out, vm, mode)
+    names: list[str] = args.vm
+    if len(names) > 1:
+        return await _update_many(args, out, mode, names)
+    one = argparse.Namespace(**{**vars(args), "vm": names[0]})
+    async with _attached(one, out, "update") as vm:
+        return await _update(one, out, vm, mode)
+
+
+async def _update_many(args: argparse.Namespace, out: Output, mode: str,
+                       names: list[str]) -> int:
+    """Update several VMs, at most ``--parallel`` at a time, each under its
+    own lock, as `update VM` would; one VM's failure does not stop the
+    others."""
+    slots = asyncio.Semaphore(args.parallel)
+
+    async def one(name: str) -> dict[str, Any]:
+        a = argparse.Namespace(**{**vars(args), "vm": name})
+        res = Collected()
+        async with slots:
+            try:
+                async with _attached(a, res, "update") as vm:
+                    code = await _update(a, res, vm, mode)
+                return {"vm": name, "exit_code": code, **res.data, "text": res.text}
+            except SealvmError as exc:
+                return {"vm": name, **error_info(exc),
+                        "text": f"{name}: {type(exc).__name__}: {exc}"}
+
+    start = time.monotonic()
+    results = await asyncio.gather(*(one(n) for n in names))
+    wall = time.monotonic() - start
+    code: int = min((r["exit_code"] for r in results), key=SEVERITY.index)
+    failed = [r["vm"] for r in results if r["exit_code"] != 0]
+    text = "\n".join(r.pop("text") for r in results) + (
+        f"\n{len(names)} VMs in {1000 * wall:.0f} ms"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    out.result({"updates": results, "wall": wall, "parallel": args.parallel,
+                "exit_code": code}, text)
+    return code
 
 
 async def _update(args: argparse.Namespace, out: Output, vm: Machine, mode: str) -> int:
@@ -414,6 +480,13 @@ def _json_args(value: str) -> dict[str, Any]:
     return arguments
 
 
+def _positive(value: str) -> int:
+    """argparse type of a count >= 1, else a usage error."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count of at least 1")
+    return int(value)
+
+
 def _warm_size(value: str) -> int:
     """argparse type of --warm: 0 or a size up to `warm.MAX_SIZE`, else a
     usage error."""
@@ -505,8 +578,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=30.0)
     st = sub.add_parser("status", parents=[common], help="show one VM or all")
     st.add_argument("vm", nargs="?")
-    upd = sub.add_parser("update", parents=[common], help="live-update a VM's QEMU")
-    upd.add_argument("vm")
+    upd = sub.add_parser("update", parents=[common],
+                         help="live-update a VM's QEMU (several VMs: all at once)")
+    upd.add_argument("vm", nargs="+", metavar="VM")
     upd.add_argument("--qemu", help="the new QEMU binary (default: the running one)")
     upd.add_argument("--mode", choices=("exec", "transfer", "migrate"), default="exec",
                      help="cpr-exec, cpr-transfer, or classic migration (RAM copied)")
@@ -514,6 +588,10 @@ def parser() -> argparse.ArgumentParser:
                      help="the guest is the sealvm test guest with this heartbeat: "
                           "measure the pause it sees")
     upd.add_argument("--timeout", type=float, default=60.0)
+    upd.add_argument("--parallel", type=_positive, default=1, metavar="N",
+                     help="with several VMs: update at most N at a time (default 1: one "
+                          "after the other; at once, updates share the host's CPUs and "
+                          "each guest's pause grows)")
     upd.add_argument("--warm", type=_warm_size, default=WARM_DEFAULT, metavar="SIZE",
                      help="cpr-exec: memory per CPU touched and freed before the pause so "
                           "that the new QEMU starts on pages the host has backed "
@@ -558,22 +636,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--require qemu-sandbox needs --qemu PATH")
         if "vm-user" in args.require and not args.vm_user:
             p.error("--require vm-user needs --vm-user NAME")
+    if args.verb == "update" and len(set(args.vm)) < len(args.vm):
+        p.error("update: a VM named twice")
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
     out = Output(args.json)
     try:
         return asyncio.run(COMMANDS[args.verb](args, out))
     except SealvmError as exc:
-        code = exit_code(exc)
         if args.json:
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc),
-                              "exit_code": code,
-                              **({"rolled_back": exc.rolled_back, "outcome": exc.outcome}
-                                 if isinstance(exc, UpdateError) else {}),
-                              **({"reasons": exc.reasons}
-                                 if isinstance(exc, PreflightError) else {})}))
+            print(json.dumps(error_info(exc)))
         print(f"sealvm: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return code
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug or an unexpected OS error: still no traceback
