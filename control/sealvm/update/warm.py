@@ -1,7 +1,7 @@
 """
 Warm pages for the image a cpr-exec starts.
 
-The new image of a cpr-exec faults in its private memory (about 14 MiB for
+The new image of a cpr-exec faults in its private memory (about 13.5 MiB for
 sealvm's QEMU under TCG: heap, thread stacks, relocated data, the TCG
 prologue) while the guest is paused.  Stock cpr-exec frees the old image's
 private memory inside exec(), on the CPU that goes on to run the new image,
@@ -11,9 +11,10 @@ takes pages from the free lists.  On a host that runs under a hypervisor
 which reclaims free guest memory (virtio-balloon free page reporting; this
 machine reports every free 2 MiB block at once), those are pages the
 hypervisor took back, and each first touch is a fault in the hypervisor
-too: measured on the first cpr-exec of a freshly booted 8 GiB guest here,
-the exec phase was 40-74 ms with 128 of 192 samples of the new image's
-main thread in clear_page, against 29-38 ms after warming (docs/bench-v2.md).
+too: on the first cpr-exec of a freshly booted 8 GiB guest here the exec
+phase was 40-74 ms, with 128 perf samples of the new image's main thread
+in clear_page against 21 in a later update, and 29-38 ms with the free
+lists warmed first (docs/exec-phase.md).
 
 Before the guest is paused, `warm` touches and frees *size* bytes of
 private memory on every CPU the old QEMU may run on (its affinity), one CPU
@@ -34,7 +35,7 @@ import time
 #: Linux 5.14: populate (prefault) writable, without writing from user space
 MADV_POPULATE_WRITE = 23
 #: per CPU: a little more than the new image faults in before it resumes
-#: the guest (13-14 MiB here); the per-CPU free lists hold up to ~40 MiB
+#: the guest (13.5 MiB here); the per-CPU free lists hold up to ~40 MiB
 DEFAULT_SIZE = 16 << 20
 #: the most `warm` takes per CPU (an argument above is clamped)
 MAX_SIZE = 256 << 20
