@@ -23,6 +23,7 @@ async def run(cfg: args.Config) -> int:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
+    commit = history.git_commit(REPO)  # the code that runs: read before, not after
     load_start = history.loadavg()
     skipped: list[str] = []
     failed: list[str] = []
@@ -45,7 +46,7 @@ async def run(cfg: args.Config) -> int:
     stem = history.table_stem(started, out)
     entry: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
-        "commit": history.git_commit(REPO),
+        "commit": commit,
         "load_start": load_start,
         "load_end": load_end,
         "machine": history.machine({"sealvm": cfg.qemu, "upstream": cfg.qemu_upstream}),
