@@ -19,6 +19,7 @@ import pytest
 from pyroute2 import netns
 
 from sealvm import procfs
+from sealvm.update import warm
 
 SEALVM = [sys.executable, "-m", "sealvm.cli"]
 
@@ -99,9 +100,12 @@ def test_every_verb(cli: Cli, spec_file: Path, tmp_path: Path) -> None:
     progress = cli.run("update", "clivm")  # human output, progress on stderr
     assert progress.returncode == 0, progress.stderr
     assert "preflight" in progress.stderr and "cpr-exec done" in progress.stdout
-    assert "warm" in progress.stderr  # pages warmed for the new image (default)
+    warmed = cli.run("update", "clivm", "--warm", "8M")  # pages warmed for the new image
+    assert warmed.returncode == 0 and "warm" in warmed.stderr, warmed.stderr
     cold = cli.run("update", "clivm", "--warm", "0")
     assert cold.returncode == 0 and "warm" not in cold.stderr, cold.stderr
+    auto = cli.run("update", "clivm", "--warm", "auto")  # the default: where a balloon reports
+    assert auto.returncode == 0 and ("warm" in auto.stderr) == (warm.auto_size() > 0)
     for bad in ("1T", "lots", "-4M"):  # usage errors, the VM untouched
         usage = cli.run("update", "clivm", "--warm", bad)
         assert usage.returncode == 2 and "--warm" in usage.stderr, usage.stderr

@@ -487,9 +487,11 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-def _warm_size(value: str) -> int:
-    """argparse type of --warm: 0 or a size up to `warm.MAX_SIZE`, else a
-    usage error."""
+def _warm_size(value: str) -> int | None:
+    """argparse type of --warm: auto (None), 0 or a size up to
+    `warm.MAX_SIZE`, else a usage error."""
+    if value.strip() == "auto":
+        return None
     if value.strip() == "0":
         return 0
     try:
@@ -592,10 +594,11 @@ def parser() -> argparse.ArgumentParser:
                      help="with several VMs: update at most N at a time (default 1: one "
                           "after the other; at once, updates share the host's CPUs and "
                           "each guest's pause grows)")
-    upd.add_argument("--warm", type=_warm_size, default=WARM_DEFAULT, metavar="SIZE",
+    upd.add_argument("--warm", type=_warm_size, default=None, metavar="auto|0|SIZE",
                      help="cpr-exec: memory per CPU touched and freed before the pause so "
-                          "that the new QEMU starts on pages the host has backed "
-                          f"(default {WARM_DEFAULT >> 20}M; 0: off)")
+                          "that the new QEMU starts on pages the host has backed (default "
+                          f"auto: {WARM_DEFAULT >> 20}M where a virtio-balloon reports free "
+                          "pages to the hypervisor, else off)")
     upd.add_argument("--dry-run", action="store_true",
                      help="run the preflight checks only and print them all (exit 4 if refused)")
     for verb in ("pause", "resume"):

@@ -8,6 +8,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -78,3 +79,20 @@ def test_warms_the_cpus_of_the_process() -> None:
     said = asyncio.run(warm.warm(os.getpid(), 1 << 20))
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[:warm.MAX_CPUS]))
     assert said.startswith(f"warm: 1 MiB on CPUs {cpus} in "), said
+
+
+def _virtio(root: Path, name: str, device: str, features: str) -> None:
+    d = root / name
+    d.mkdir()
+    (d / "device").write_text(device + "\n")
+    (d / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_needs_a_reporting_balloon(tmp_path: Path) -> None:
+    assert not warm.free_page_reporting(tmp_path / "missing")
+    _virtio(tmp_path, "virtio0", "0x0002", "0110010100000000")  # a block device, bit 5 set
+    _virtio(tmp_path, "virtio1", "0x0005", "0110000100000000")  # a balloon, no reporting
+    _virtio(tmp_path, "virtio2", "junk", "1111111111")
+    assert not warm.free_page_reporting(tmp_path)
+    _virtio(tmp_path, "virtio3", "0x0005", "0110010100000000")  # this machine's balloon
+    assert warm.free_page_reporting(tmp_path)

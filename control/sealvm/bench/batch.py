@@ -21,7 +21,6 @@ from typing import Any
 
 from ..errors import SealvmError
 from ..update import UpdateReport, live_update
-from ..update.warm import DEFAULT_SIZE as WARM_DEFAULT
 from .args import Config
 from .history import mem_available
 from .run import HB_MS, MEM_RESERVE, WAIT, Slot, passes_at_least, say
@@ -60,7 +59,7 @@ async def _round(slots: list[Slot], qemu: Path, rnd: int) -> BatchRound:
     start = time.monotonic()
     results = await asyncio.gather(
         *(live_update(s.vm, qemu=qemu, mode="cpr-exec", heartbeat_interval=HB_MS / 1000,
-                      timeout=WAIT, verify_pass=False, warm_pages=WARM_DEFAULT)
+                      timeout=WAIT, verify_pass=False)
           for s in slots), return_exceptions=True)
     wall = time.monotonic() - start
     for s, r in zip(slots, results, strict=True):

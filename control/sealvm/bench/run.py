@@ -44,7 +44,6 @@ from ..errors import SealvmError
 from ..machine import Machine
 from ..spec import spec_from_dict
 from ..update import UpdateReport, live_update
-from ..update.warm import DEFAULT_SIZE as WARM_DEFAULT
 from .args import MODES, Config, is_hugetlb
 from .history import mem_available
 
@@ -290,7 +289,7 @@ async def update_once(slot: Slot, mode: str, *, qemu: Path, rnd: int) -> Sample:
                                heartbeat_interval=HB_MS / 1000, timeout=WAIT,
                                require_sealed=not mode.startswith("upstream"),
                                verify_pass=False, way_back=not mode.endswith("-oneway"),
-                               warm_pages=0 if mode.endswith("-cold") else WARM_DEFAULT,
+                               warm_pages=0 if mode.endswith("-cold") else None,
                                progress=watch.progress)
     await watch.wait()
     sample.report = report

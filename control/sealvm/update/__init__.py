@@ -52,7 +52,7 @@ async def live_update(
     require_sealed: bool = True,
     verify_pass: bool = True,
     way_back: bool = True,
-    warm_pages: int = warm.DEFAULT_SIZE,
+    warm_pages: int | None = None,
 ) -> UpdateReport:
     """Replace the QEMU running *vm* with *qemu* (default: the same binary).
 
@@ -85,7 +85,7 @@ async def live_update(
         return await _update(vm, qemu=qemu, mode=mode, heartbeat_interval=heartbeat_interval,
                              timeout=timeout, progress=progress, require_sealed=require_sealed,
                              verify_pass=verify_pass, way_back=way_back,
-                             warm_pages=warm_pages)
+                             warm_pages=warm.auto_size() if warm_pages is None else warm_pages)
 
 
 async def _update(vm: Machine, *, qemu: Path | None, mode: str,
