@@ -221,6 +221,9 @@ def test_update_several_vms_at_once(cli: Cli, tmp_path: Path, qemu_binary: Path,
     assert text.returncode == 0, text.stderr
     assert "fleet-a: cpr-exec done" in text.stdout and "fleet-b: cpr-exec done" in text.stdout
     assert "2 VMs in " in text.stdout
+    # progress on stderr names the VM on every line
+    for name in ("fleet-a", "fleet-b"):
+        assert f"sealvm: {name}: preflight" in text.stderr, text.stderr
     assert cli.run("update", "fleet-a", "fleet-a").returncode == 2  # named twice
     for bad in ("0", "-1", "all"):
         usage = cli.run("update", "fleet-a", "fleet-b", "--parallel", bad)

@@ -147,15 +147,20 @@ class Output:
 
 class Collected(Output):
     """An `Output` that keeps the result (one VM of several); progress
-    still goes to stderr."""
+    still goes to stderr, each line naming the VM."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__(as_json=True)
+        self.name = name
         self.data: dict[str, Any] = {}
         self.text = ""
 
     def result(self, data: dict[str, Any], text: str) -> None:
         self.data, self.text = data, text
+
+    def progress(self, message: str) -> None:
+        named = message.startswith(f"{self.name}: ")
+        super().progress(message if named else f"{self.name}: {message.strip()}")
 
 
 async def _vm_info(vm: Machine) -> dict[str, Any]:
@@ -357,7 +362,7 @@ async def _update_many(args: argparse.Namespace, out: Output, mode: str,
 
     async def one(name: str) -> dict[str, Any]:
         a = argparse.Namespace(**{**vars(args), "vm": name})
-        res = Collected()
+        res = Collected(name)
         async with slots:
             try:
                 async with _attached(a, res, "update") as vm:
@@ -581,7 +586,7 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", parents=[common], help="show one VM or all")
     st.add_argument("vm", nargs="?")
     upd = sub.add_parser("update", parents=[common],
-                         help="live-update a VM's QEMU (several VMs: all at once)")
+                         help="live-update a VM's QEMU (several VMs: --parallel N at a time)")
     upd.add_argument("vm", nargs="+", metavar="VM")
     upd.add_argument("--qemu", help="the new QEMU binary (default: the running one)")
     upd.add_argument("--mode", choices=("exec", "transfer", "migrate"), default="exec",

@@ -30,11 +30,13 @@ Modes:
                     (RAM copied)
   sealvm-exec-2M    cpr-exec with our QEMU, guest RAM in a hugetlb memfd
   upstream-exec-2M  the same with pristine QEMU
+Besides the modes, ``--at-once 1,4,8`` updates that many running 512 MiB
+guests with cpr-exec at once (`batch`) and compares the wall time with one.
 The hugetlb rows run only where the machine can reserve the huge pages
 (the bench reserves them through vm.nr_hugepages and gives them back);
 otherwise they are skipped, saying why.
 
-    python -m sealvm.bench [--sizes 64M,1G,4G,8G] [--updates 20] [--out DIR]
+    python -m sealvm.bench [--sizes 64M,1G,4G,8G] [--updates 20] [--at-once 1,4,8] [--out DIR]
     python -m sealvm.bench --compare [--out DIR]
 """
 
