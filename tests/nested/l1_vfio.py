@@ -406,8 +406,10 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
                 {"n": len(normal), "min": min(normal), "max": max(normal)} if normal else None)
             # a short one, if any, with its neighbourhood: to tell a clock
             # hiccup from a pause the scenario did not know of
-            short = [hb for hb in con.log.heartbeats
-                     if 0 < hb.int("dma_dur_us") < NORMAL_MIN_MS * 1000
+            short = [hb for prev, hb in zip(con.log.heartbeats, con.log.heartbeats[1:],
+                                            strict=False)
+                     if hb.int("dma_fin", -1) == prev.int("dma_fin", -1) + 1
+                     and 0 < hb.int("dma_dur_us") < NORMAL_MIN_MS * 1000
                      and hb.int("dma_dur_us") in normal]
             checks.figures["normal_transfer_short"] = [
                 {"seq": hb.seq, "dur_us": hb.int("dma_dur_us"), "pauses_hb_after": pauses,
