@@ -23,7 +23,7 @@ from ..errors import SealvmError
 from ..update import UpdateReport, live_update
 from .args import Config
 from .history import mem_available
-from .run import HB_MS, MEM_RESERVE, WAIT, Slot, passes_at_least, say
+from .run import HB_MS, MEM_RESERVE, WAIT, Slot, say
 
 MODE = "sealvm-exec"
 
@@ -53,8 +53,8 @@ class Batch:
 
 
 async def _round(slots: list[Slot], qemu: Path, rnd: int) -> BatchRound:
-    for slot in slots:  # a whole pass each, begun after the previous round
-        await slot.con.wait_for(passes_at_least(len(slot.con.log.passes) + 2), WAIT)
+    for slot in slots:
+        await slot.wait_whole_pass()
     out = BatchRound(rnd)
     start = time.monotonic()
     results = await asyncio.gather(

@@ -257,6 +257,11 @@ class Slot:
             raise
         return cls(vm, con)
 
+    async def wait_whole_pass(self) -> None:
+        """Until the guest has made a whole pass over its RAM begun after
+        now: then all of it is mapped in the QEMU about to be replaced."""
+        await self.con.wait_for(passes_at_least(len(self.con.log.passes) + 2), WAIT)
+
     async def close(self) -> None:
         """Shut the VM down (idempotent)."""
         self.con.close()
@@ -278,9 +283,7 @@ async def update_once(slot: Slot, mode: str, *, qemu: Path, rnd: int) -> Sample:
         # classic: one pass writes all RAM, then the guest idles
         await con.wait_for(passes_at_least(1), WAIT)
     else:
-        # a whole pass, begun after the last update: all of the RAM is
-        # mapped in the QEMU about to be replaced
-        await con.wait_for(passes_at_least(len(con.log.passes) + 2), WAIT)
+        await slot.wait_whole_pass()
     sample = Sample(rnd)
     assert vm.pid is not None
     sample.resident, sample.mapped = ram_touched(vm.pid)
