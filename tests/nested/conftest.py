@@ -30,7 +30,7 @@ import pytest
 
 from sealvm.trampoline import trampoline
 
-from .harness.l1 import NestedError, edu_addresses, run_in_l1
+from .harness.l1 import BOOT_PANICS_SEEN, NestedError, edu_addresses, run_in_l1
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
@@ -153,6 +153,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     r = _outcome.result
     tr = terminalreporter
     tr.section("nested test bed figures")
+    tr.write_line(f"L1 boots retried after a kernel panic before init: {len(BOOT_PANICS_SEEN)}"
+                  + "".join(f"\n  {summary}" for summary in BOOT_PANICS_SEEN))
     tr.write_line(f"L1: kernel start -> init {r.boot_time:.2f} s (L1 clock); "
                   f"L0 QEMU start -> init {r.start_to_init:.2f} s; "
                   f"L1 run {r.run_time:.1f} s; whole L1 wall {r.wall_time:.1f} s")

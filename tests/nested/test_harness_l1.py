@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness.l1 import L1BootError, L1Timeout, run_in_l1
+from .harness.l1 import BOOT_RETRIES, L1BootError, L1Timeout, run_in_l1
 from .l0_lib import l0_qemus_mentioning
 
 pytestmark = pytest.mark.nested
@@ -53,11 +54,19 @@ async def test_timeout_kills_l1(host_kernel: Path, qemu_binary: Path, no_leak: N
     assert "SEALVM-L1 init" in info.value.console  # it did boot; the command hung
 
 
-async def test_cancellation_kills_l1(host_kernel: Path, qemu_binary: Path,
+async def test_cancellation_kills_l1(host_kernel: Path, qemu_binary: Path, tmp_path: Path,
                                      no_leak: None) -> None:
+    """Cancelled while the command runs (init seen on the console): L1 is killed."""
+    console = tmp_path / "console"
     task = asyncio.create_task(run_in_l1(["sleep", "3600"], kernel=host_kernel,
-                                         qemu=qemu_binary, timeout=300))
-    await asyncio.sleep(10)
+                                         qemu=qemu_binary, timeout=300, console_log=console))
+    deadline = time.monotonic() + 120
+    while "SEALVM-L1 init" not in (console.read_text() if console.exists() else ""):
+        if task.done():  # L1 ended by itself: say how, with its console
+            pytest.fail(f"L1 ended before it was cancelled: {task.exception()!r}\n"
+                        f"console:\n{console.read_text()[-3000:] if console.exists() else ''}")
+        assert time.monotonic() < deadline, "L1 did not reach init within 120 s"
+        await asyncio.sleep(0.2)
     assert l0_qemus_mentioning(str(Path(tempfile.gettempdir()) / TMP_PREFIX))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -78,3 +87,17 @@ async def test_qemu_exit_is_a_boot_failure(host_kernel: Path, qemu_binary: Path,
         await run_in_l1(["true"], kernel=host_kernel, qemu=qemu_binary, timeout=60,
                         memory_mib=1 << 40)
     assert "memory" in info.value.console  # QEMU's own error message
+
+
+async def test_panic_before_init_boots_again_then_fails(host_kernel: Path, qemu_binary: Path,
+                                                        tmp_path: Path, no_leak: None) -> None:
+    """A kernel that panics before init every time: booted 1 + BOOT_RETRIES
+    times, then a boot failure that says so (an init that does not exist)."""
+    console = tmp_path / "console"
+    with pytest.raises(L1BootError, match="exited with status 0") as info:
+        await run_in_l1(["true"], kernel=host_kernel, qemu=qemu_binary, timeout=60,
+                        kernel_args=("quiet", "init=/nonexistent"), console_log=console)
+    assert "Kernel panic" in info.value.console
+    notes = getattr(info.value, "__notes__", [])
+    assert any(f"after {BOOT_RETRIES} earlier boot(s) that panicked" in n for n in notes)
+    assert console.read_text().count("Kernel panic - not syncing") == 1 + BOOT_RETRIES

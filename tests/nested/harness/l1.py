@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -63,6 +64,11 @@ MAX_FILE = 16 << 20
 
 _INIT_LINE = re.compile(r"SEALVM-L1 init uptime=([0-9.]+)")
 _DONE_LINE = re.compile(r"SEALVM-L1 done status=(\d+) uptime=([0-9.]+)")
+_PANIC_LINE = re.compile(r"Kernel panic - not syncing")
+#: Boots after the first when L1's kernel panicked before init (see run_in_l1).
+BOOT_RETRIES = 1
+#: Every such panic in this process, summarised (`panic_summary`), for the record.
+BOOT_PANICS_SEEN: list[str] = []
 
 
 class NestedError(SealvmError):
@@ -137,6 +143,9 @@ class L1Result:
     wall_time: float
     #: files the command left in the share, by relative path
     files: dict[str, bytes] = field(default_factory=dict)
+    #: consoles of the boots before this one that ended in a kernel panic
+    #: before init (retried: `run_in_l1`)
+    boot_panics: tuple[str, ...] = ()
 
 
 def edu_addresses(count: int) -> list[str]:
@@ -292,7 +301,14 @@ async def run_in_l1(
     files stay there; without, a temporary directory is used and removed.
     *console_log* gets a live copy of L1's console.
 
-    :raise L1BootError: L1 did not reach init within *boot_timeout*.
+    An L1 kernel that panics before init (L0 QEMU exits by itself, the
+    console says "Kernel panic") is booted again, at most `BOOT_RETRIES`
+    times, and each such console is kept in `L1Result.boot_panics`: about
+    one boot in 200 here ends in an "Oops: int3" in the L1 kernel about
+    1.9 s in (TCG), before anything of the command ran.
+
+    :raise L1BootError: L1 did not reach init within *boot_timeout*, or
+        panicked before init on every boot.
     :raise L1Timeout: the whole run exceeded *timeout* (L1 killed).
     :raise L1Error: L1 ended without reporting the command's exit status.
     On every path the L1 QEMU is gone when this returns or raises.
@@ -306,13 +322,43 @@ async def run_in_l1(
     share_dir = Path(tempfile.mkdtemp(prefix="sealvm-l1-")) if share is None else share
     try:
         ctl = share_dir / CTL_DIR
-        shutil.rmtree(ctl, ignore_errors=True)
-        ctl.mkdir(parents=True)
-        (ctl / "command").write_text(command_script(command, env or {}))
-        return await _run(cfg, list(command), share_dir, console_log, timeout, boot_timeout)
+        script = command_script(command, env or {})
+        panics: list[str] = []
+        while True:
+            shutil.rmtree(ctl, ignore_errors=True)
+            ctl.mkdir(parents=True)
+            (ctl / "command").write_text(script)
+            try:
+                result = await _run(cfg, list(command), share_dir, console_log, timeout,
+                                    boot_timeout)
+            except L1BootError as e:
+                if not (_panicked_before_init(e) and len(panics) < BOOT_RETRIES):
+                    if panics:
+                        e.add_note(f"after {len(panics)} earlier boot(s) that panicked before "
+                                   "init, the same way or not")
+                    raise
+                panics.append(e.console)
+                BOOT_PANICS_SEEN.append(panic_summary(e.console))
+                log.warning("L1 kernel panicked before init, booting again: %s",
+                            panic_summary(e.console))
+                continue
+            return dataclasses.replace(result, boot_panics=tuple(panics))
     finally:
         if own_share:
             shutil.rmtree(share_dir, ignore_errors=True)
+
+
+def _panicked_before_init(e: L1BootError) -> bool:
+    """L0 QEMU exited by itself (-no-reboot) after the L1 kernel panicked."""
+    return e.qemu_status == 0 and bool(_PANIC_LINE.search(e.console))
+
+
+def panic_summary(console: str) -> str:
+    """The first oops line and the panic line of an L1 console."""
+    lines = console.splitlines()
+    oops = next((ln for ln in lines if "Oops:" in ln or "BUG:" in ln), "")
+    panic = next((ln for ln in lines if _PANIC_LINE.search(ln)), "")
+    return "; ".join(x.strip() for x in (oops, panic) if x)
 
 
 async def _run(cfg: L1Config, command: list[str], share: Path, console_log: Path | None,
@@ -388,6 +434,8 @@ async def _run(cfg: L1Config, command: list[str], share: Path, console_log: Path
 
 
 __all__ = [
+    "BOOT_PANICS_SEEN",
+    "BOOT_RETRIES",
     "DEFAULT_INIT",
     "L1BootError",
     "L1Config",
@@ -398,6 +446,7 @@ __all__ = [
     "NestedError",
     "edu_addresses",
     "kernel_cmdline",
+    "panic_summary",
     "l1_argv",
     "run_in_l1",
 ]
