@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -92,12 +93,7 @@ async def run(args: argparse.Namespace) -> int:
             p.cancel()
         for vm in vms.values():
             await vm.shutdown()
-        with contextlib.suppress(OSError):
-            for d in root.iterdir():
-                for f in d.iterdir():
-                    f.unlink()
-                d.rmdir()
-            root.rmdir()
+        shutil.rmtree(root, ignore_errors=True)
     print(f"guest {args.size}, {args.rounds} rounds, modes and variants interleaved; "
           f"load average {os.getloadavg()[0]:.2f}; scripts' commands answered: {answered}")
     print(f"{'mode':<13} {'variant':<12} {'n':>3}  {'QMP p50':>8} {'p95':>7} {'max':>7}   "

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,14 @@ def hb(log: ConsoleLog, key: str) -> int:
 
 async def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="sealvm-demo2-"))
+    try:
+        return await _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, work: Path) -> int:
+    """The demo, its disk image and (without --run-dir) its run root in *work*."""
     image = work / "disk.img"
     with open(image, "wb") as f:
         f.truncate(DISK_SIZE)
@@ -102,7 +111,6 @@ async def run(args: argparse.Namespace) -> int:
     print(f"disk: {disk.blocks} blocks re-read by the host, {len(disk.bad)} bad")
     if disk.bad:
         failures.append(f"disk: {len(disk.bad)} bad blocks")
-    image.unlink()
     print("demo: OK" if not failures else "demo: FAILED\n  " + "\n  ".join(failures))
     return 0 if not failures else 1
 
