@@ -85,6 +85,26 @@ async def test_holder_released_at_the_timeout_while_paused(
     await sealvm_check_guest(vm)
 
 
+async def test_holder_runs_at_idle_priority(
+    vm: Machine, sealvm_check_guest: GuestChecker
+) -> None:
+    """The holder is in SCHED_IDLE (v4) before the guest runs again, so the
+    teardown its exit does takes no CPU from the vCPUs just resumed; the
+    VM's -sandbox (resourcecontrol=deny) lets it set that."""
+    assert vm.pid is not None
+    assert "resourcecontrol=deny" in " ".join(vm.argv), "not under the sandbox"
+    await vm.execute("stop")
+    await live_update(vm, mode="cpr-exec")
+    held = holders(vm.pid)
+    assert len(held) == 1, children(vm.pid)
+    assert os.sched_getscheduler(held[0][0]) == os.SCHED_IDLE
+    with open(f"/proc/{held[0][0]}/status") as f:
+        assert "Seccomp:\t2" in f.read(), "the holder is not under QEMU's seccomp filter"
+    await vm.execute("cont")
+    assert await wait_until(lambda: not children(vm.pid or 0), 15), children(vm.pid)
+    await sealvm_check_guest(vm)
+
+
 async def test_repeated_cpr_exec_before_resume_leaves_no_zombie(
     vm: Machine, sealvm_check_guest: GuestChecker
 ) -> None:
