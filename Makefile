@@ -20,7 +20,7 @@ LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
 	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
-	soak demo bench bench-compare bench-endpoint bench-confine \
+	soak demo bench bench-compare bench-endpoint bench-confine bench-change-process \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -115,6 +115,12 @@ soak: deps qemu guest
 ENDPOINT_AB_ARGS ?=
 bench-endpoint: deps qemu guest
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) ../$(PY) -m bench.endpoint_ab $(ENDPOINT_AB_ARGS)
+
+# IOMMU_IOAS_CHANGE_PROCESS time against the size mapped by file, in the
+# nested L1 (tests/bench/change_process.py; about 10 min at the default sizes).
+bench-change-process: deps qemu host-kernel
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		../$(PY) -m bench.change_process $(CHANGE_PROCESS_ARGS)
 
 # What QEMU's confinement costs the pause (tests/bench/confine_ab.py).
 CONFINE_AB_ARGS ?=
