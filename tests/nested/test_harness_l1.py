@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness.l1 import BOOT_RETRIES, L1BootError, L1Timeout, run_in_l1
+from .harness.l1 import BOOT_PANICS_SEEN, BOOT_RETRIES, L1BootError, L1Timeout, run_in_l1
 from .l0_lib import l0_qemus_mentioning
 
 pytestmark = pytest.mark.nested
@@ -94,9 +94,15 @@ async def test_panic_before_init_boots_again_then_fails(host_kernel: Path, qemu_
     """A kernel that panics before init every time: booted 1 + BOOT_RETRIES
     times, then a boot failure that says so (an init that does not exist)."""
     console = tmp_path / "console"
-    with pytest.raises(L1BootError, match="exited with status 0") as info:
-        await run_in_l1(["true"], kernel=host_kernel, qemu=qemu_binary, timeout=60,
-                        kernel_args=("quiet", "init=/nonexistent"), console_log=console)
+    seen = len(BOOT_PANICS_SEEN)
+    try:
+        with pytest.raises(L1BootError, match="exited with status 0") as info:
+            await run_in_l1(["true"], kernel=host_kernel, qemu=qemu_binary, timeout=60,
+                            kernel_args=("quiet", "init=/nonexistent"), console_log=console)
+        assert len(BOOT_PANICS_SEEN) == seen + BOOT_RETRIES
+        assert "Requested init /nonexistent failed" in BOOT_PANICS_SEEN[-1]
+    finally:
+        del BOOT_PANICS_SEEN[seen:]  # the nested figures list unplanned panics only
     assert "Kernel panic" in info.value.console
     notes = getattr(info.value, "__notes__", [])
     assert any(f"after {BOOT_RETRIES} earlier boot(s) that panicked" in n for n in notes)
