@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import compileall
 import json
 import os
 import sys
 from pathlib import Path
 
-from nested.harness.l1 import run_in_l1
+from nested.harness.l1 import run_in_l1, tree_python_env
 from sealvm.bench.stats import summarize
 from sealvm.errors import SpecError
 from sealvm.spec import parse_size
@@ -55,11 +54,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    for tree in (HERE.parents[1] / "control" / "sealvm", HERE.parent / "nested"):
-        compileall.compile_dir(tree, quiet=1)  # L1 sees this tree read-only
     sizes_mib = [s >> 20 for s in args.size_list]
-    env = {"PYTHONPATH": f"{HERE.parents[1] / 'control'}:{HERE.parent}",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    env = tree_python_env()
     command = [sys.executable, "-m", "nested.l1_change_process", *map(str, sizes_mib),
                "--execs", str(args.execs)]
     memory = max(sizes_mib) + 2048

@@ -17,7 +17,6 @@ skips (saying so) only outside `make test`: with ``SEALVM_STRICT_SKIPS=1``
 from __future__ import annotations
 
 import asyncio
-import compileall
 import json
 import os
 import shlex
@@ -30,7 +29,7 @@ import pytest
 
 from sealvm.trampoline import trampoline
 
-from .harness.l1 import BOOT_PANICS_SEEN, NestedError, edu_addresses, run_in_l1
+from .harness.l1 import BOOT_PANICS_SEEN, NestedError, edu_addresses, run_in_l1, tree_python_env
 from .l0_lib import UPDATES, L1Outcome, l0_qemus_mentioning
 from .l1_mdma import summary_lines as mdma_summary_lines
 from .l1_mtty import summary_lines as mtty_summary_lines
@@ -111,16 +110,11 @@ def l1(host_kernel: Path, qemu_binary: Path, guest_image: Path,
     global _outcome
     share = tmp_path_factory.mktemp("l1-share")
     bdf = edu_addresses(1)[0]
-    # L1 reads the repository over 9p and never writes bytecode: compile here.
-    for tree in (HERE.parents[1] / "control" / "sealvm", HERE):
-        compileall.compile_dir(tree, quiet=1)
     command = [sys.executable, "-m", "nested.l1_run", *scenario_commands(bdf)]
     env = {"SEALVM_QEMU": str(qemu_binary), "SEALVM_GUEST": str(guest_image),
            # cpr-exec's trampoline, built here: L1 sees this root read-only
            "SEALVM_TRAMPOLINE": str(trampoline()),
-           # this tree's sealvm (not whichever one the venv installed) and tests
-           "PYTHONPATH": f"{HERE.parents[1] / 'control'}:{HERE.parent}",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+           **tree_python_env()}
     console_log = share.parent / "l1-console.log"
     failure: str | None = None
     try:

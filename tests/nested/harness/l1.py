@@ -30,6 +30,7 @@ Errors (all `SealvmError`)::
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import dataclasses
 import logging
@@ -204,6 +205,18 @@ def l1_argv(cfg: L1Config, *, share: Path) -> list[str]:
         "-append", kernel_cmdline(cfg),
     ]
     return argv
+
+
+def tree_python_env() -> dict[str, str]:
+    """The environment that runs this tree's sealvm and tests (not whichever
+    sealvm the venv installed) in L1; compiles them here first, because L1
+    reads the repository over 9p read-only and writes no bytecode."""
+    tests = Path(__file__).resolve().parents[2]
+    control = tests.parent / "control"
+    for tree in (control / "sealvm", tests / "nested"):
+        compileall.compile_dir(tree, quiet=1)
+    return {"PYTHONPATH": f"{control}:{tests}", "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1"}
 
 
 def command_script(command: Sequence[str], env: Mapping[str, str]) -> str:
@@ -449,4 +462,5 @@ __all__ = [
     "panic_summary",
     "l1_argv",
     "run_in_l1",
+    "tree_python_env",
 ]
