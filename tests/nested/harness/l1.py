@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -144,9 +143,6 @@ class L1Result:
     wall_time: float
     #: files the command left in the share, by relative path
     files: dict[str, bytes] = field(default_factory=dict)
-    #: consoles of the boots before this one that ended in a kernel panic
-    #: before init (retried: `run_in_l1`)
-    boot_panics: tuple[str, ...] = ()
 
 
 def edu_addresses(count: int) -> list[str]:
@@ -316,7 +312,7 @@ async def run_in_l1(
 
     An L1 kernel that panics before init (L0 QEMU exits by itself, the
     console says "Kernel panic") is booted again, at most `BOOT_RETRIES`
-    times, and each such console is kept in `L1Result.boot_panics`: about
+    times, and each such panic is summarised in `BOOT_PANICS_SEEN`: about
     one boot in 200 here ends in an "Oops: int3" in the L1 kernel about
     1.9 s in (TCG), before anything of the command ran.
 
@@ -336,7 +332,7 @@ async def run_in_l1(
     try:
         ctl = share_dir / CTL_DIR
         script = command_script(command, env or {})
-        panics: list[str] = []
+        panics = 0
         while True:
             shutil.rmtree(ctl, ignore_errors=True)
             ctl.mkdir(parents=True)
@@ -345,17 +341,17 @@ async def run_in_l1(
                 result = await _run(cfg, list(command), share_dir, console_log, timeout,
                                     boot_timeout)
             except L1BootError as e:
-                if not (_panicked_before_init(e) and len(panics) < BOOT_RETRIES):
+                if not (_panicked_before_init(e) and panics < BOOT_RETRIES):
                     if panics:
-                        e.add_note(f"after {len(panics)} earlier boot(s) that panicked before "
+                        e.add_note(f"after {panics} earlier boot(s) that panicked before "
                                    "init, the same way or not")
                     raise
-                panics.append(e.console)
-                BOOT_PANICS_SEEN.append(panic_summary(e.console))
-                log.warning("L1 kernel panicked before init, booting again: %s",
-                            panic_summary(e.console))
+                panics += 1
+                summary = panic_summary(e.console)
+                BOOT_PANICS_SEEN.append(summary)
+                log.warning("L1 kernel panicked before init, booting again: %s", summary)
                 continue
-            return dataclasses.replace(result, boot_panics=tuple(panics))
+            return result
     finally:
         if own_share:
             shutil.rmtree(share_dir, ignore_errors=True)
