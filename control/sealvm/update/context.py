@@ -10,6 +10,14 @@ from ..machine import Machine
 from .journal import Journal
 from .report import Clock, UpdateReport
 
+#: Once the guest runs again, the controller leaves the CPUs to it this long
+#: (seconds) before its own work: releasing the keeper, re-arming the
+#: migration parameters, letting the old QEMU go, checking the new one.  The
+#: new image's first milliseconds are its slowest (nothing translated or
+#: cached yet); on a host with few CPUs the controller's work (and the exit of
+#: its keeper) then showed as time the guest saw beyond STOP->RESUME.
+SETTLE_AFTER_RESUME = 0.05
+
 
 @dataclass
 class UpdateContext:

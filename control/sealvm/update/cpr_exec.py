@@ -31,7 +31,7 @@ from ..machine import Machine
 from ..plan import incoming_argv
 from ..process import QemuProcess
 from ..trampoline import trampoline
-from .context import UpdateContext, remove
+from .context import SETTLE_AFTER_RESUME, UpdateContext, remove
 from .journal import Journal
 from .monitor import (
     EVENTS_ON,
@@ -153,6 +153,9 @@ async def run(ctx: UpdateContext) -> None:
                           f"`sealvm recover {vm.name}` finishes the update",
                           rolled_back=False) from exc
     journal.record("resumed", running=ctx.was_running)
+    if ctx.was_running:
+        await asyncio.sleep(SETTLE_AFTER_RESUME)
+        clock.mark("settle")
     remove(vm.paths.cpr_state)
     vm.state.argv = new_argv
     if keeper is not None:

@@ -34,7 +34,7 @@ from ..errors import HostError, LaunchError, QMPReplyError, SealvmError, UpdateE
 from ..machine import listen_unix
 from ..plan import FdPlan
 from ..process import QemuProcess
-from .context import UpdateContext, remove
+from .context import SETTLE_AFTER_RESUME, UpdateContext, remove
 from .monitor import (
     EVENTS_ON,
     arm,
@@ -262,6 +262,9 @@ async def _switch(ctx: UpdateContext, succ: _Successor, channels: list[dict[str,
                 report.pause_qmp = resume_ts - stop_ts
             clock.mark("resume")
         journal.record("resumed", running=ctx.was_running)
+        if ctx.was_running:
+            await asyncio.sleep(SETTLE_AFTER_RESUME)
+            clock.mark("settle")
 
 
 async def _hand_over(ctx: UpdateContext, proc: QemuProcess, new: QMPClient,
