@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ from typing import Any
 from .l1_lib import SYS_PCI, pci_driver, qemu_pids, results_dir, write_result
 
 HERE = Path(__file__).resolve().parent
-SCENARIO_TIMEOUT = 900.0
+#: a scenario still running then is killed (after its stacks are dumped)
+SCENARIO_TIMEOUT = float(os.environ.get("SEALVM_SCENARIO_TIMEOUT", "900"))
 
 
 def l1_info() -> dict[str, Any]:
@@ -54,17 +56,51 @@ def l1_info() -> dict[str, Any]:
     }
 
 
+def kernel_stacks(pgid: int) -> str:
+    """State, wait channel and kernel stack of every thread in process group
+    *pgid* (a hung scenario and its L2 QEMUs), and the kernel's list of
+    blocked tasks (sysrq w, in dmesg)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            for tid in sorted(os.listdir(f"/proc/{entry}/task"), key=int):
+                task = Path(f"/proc/{entry}/task/{tid}")
+                stat = (task / "stat").read_text()
+                comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat.split(") ")[1][0]
+                out.append(f"{entry}/{tid} {comm} {state} wchan={(task / 'wchan').read_text()}\n"
+                           + (task / "stack").read_text())
+        except (OSError, ValueError):
+            continue
+    with contextlib.suppress(OSError):
+        Path("/proc/sysrq-trigger").write_text("w")
+    return "".join(out)
+
+
 async def run_one(name: str, argv: list[str]) -> dict[str, Any]:
     out = results_dir() / f"{name}.log"
     t = time.monotonic()
     with open(out, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"nested.{argv[0]}", *argv[1:], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, start_new_session=True)
+            sys.executable, "-X", "faulthandler", "-m", f"nested.{argv[0]}", *argv[1:],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent,
+            start_new_session=True)
         try:
             async with asyncio.timeout(SCENARIO_TIMEOUT):
                 status = await proc.wait()
         except TimeoutError:
+            log.write(f"\n--- {name}: no exit after {SCENARIO_TIMEOUT:.0f} s: where it "
+                      "hangs ---\n".encode())
+            log.write(kernel_stacks(proc.pid).encode())
+            log.flush()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGABRT)  # faulthandler: every thread's stack
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await proc.wait()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await proc.wait()
