@@ -20,7 +20,7 @@ LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
 	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
-	soak demo bench bench-compare bench-endpoint bench-confine bench-change-process \
+	soak demo bench bench-compare bench-endpoint bench-confine bench-change-process bench-nested \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -121,6 +121,13 @@ bench-endpoint: deps qemu guest
 bench-change-process: deps qemu host-kernel
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
 		../$(PY) -m bench.change_process $(CHANGE_PROCESS_ARGS)
+
+# Live updates of an L2 VM with an assigned device (edu, mdma), per mode, in
+# the nested L1 (tests/bench/nested_vfio.py).
+NESTED_BENCH_ARGS ?=
+bench-nested: deps qemu guest host-kernel
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		../$(PY) -m bench.nested_vfio $(NESTED_BENCH_ARGS)
 
 # What QEMU's confinement costs the pause (tests/bench/confine_ab.py).
 CONFINE_AB_ARGS ?=

@@ -334,7 +334,7 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str
     pause = report.pause_guest if report.pause_guest is not None else -1.0
     row: dict[str, Any] = {
         "update": i, "mode": mode, "pid": report.pid_after, "pause_qmp": report.pause_qmp,
-        "pause_guest": report.pause_guest, "total": report.total,
+        "pause_guest": report.pause_guest, "total": report.total, "phases": report.phases,
         "guest_gap_ms": view["gap_us"] / 1000, "seen_before": seen0,
         "seen_after": view["seen"], "device": delta(before, after), "errnos": errnos(after),
         "gaps": gaps, "mism_before": mism0, "mism_after": con.log.mismatch_counter(),
