@@ -56,16 +56,24 @@ def l1_info() -> dict[str, Any]:
     }
 
 
+def _state(pid: int | str) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
 def kernel_stacks(pgid: int) -> str:
-    """State, wait channel and kernel stack of every thread in process group
-    *pgid* (a hung scenario and its L2 QEMUs), and the kernel's list of
-    blocked tasks (sysrq w, in dmesg)."""
+    """State, wait channel and kernel stack of every thread of process group
+    *pgid* (a hung scenario), of every QEMU (L2s run in sessions of their
+    own) and of every process in uninterruptible sleep; and the kernel's
+    list of blocked tasks (sysrq w, in dmesg)."""
     out = []
+    qemus = {str(p) for p in qemu_pids()}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if os.getpgid(int(entry)) != pgid:
+            if (os.getpgid(int(entry)) != pgid and entry not in qemus
+                    and _state(entry) != "D"):
                 continue
             for tid in sorted(os.listdir(f"/proc/{entry}/task"), key=int):
                 task = Path(f"/proc/{entry}/task/{tid}")
