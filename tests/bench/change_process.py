@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from nested.harness.l1 import run_in_l1, tree_python_env
+from nested.harness.l1 import run_cancellable, run_in_l1, tree_python_env
 from sealvm.bench.stats import summarize
 from sealvm.errors import SpecError
 from sealvm.spec import parse_size
@@ -94,7 +94,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    return asyncio.run(run(parse_args()))
+    return asyncio.run(run_cancellable(run(parse_args())))
 
 
 if __name__ == "__main__":

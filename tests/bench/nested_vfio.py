@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nested.harness.l1 import edu_addresses, run_in_l1, tree_python_env
+from nested.harness.l1 import edu_addresses, run_cancellable, run_in_l1, tree_python_env
 from sealvm.bench.stats import Dist, summarize
 from sealvm.trampoline import trampoline
 
@@ -163,7 +163,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    return asyncio.run(run(parse_args()))
+    return asyncio.run(run_cancellable(run(parse_args())))
 
 
 if __name__ == "__main__":

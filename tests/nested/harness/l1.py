@@ -38,11 +38,13 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sealvm.errors import SealvmError
 from sealvm.spec import DEFAULT_FIRMWARE
@@ -213,6 +215,31 @@ def tree_python_env() -> dict[str, str]:
         compileall.compile_dir(tree, quiet=1)
     return {"PYTHONPATH": f"{control}:{tests}", "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1"}
+
+
+async def run_cancellable(main: Coroutine[Any, Any, int]) -> int:
+    """Run *main* (a script's body around `run_in_l1`) so that SIGTERM, like
+    SIGINT, cancels it: `run_in_l1` then stops L1 before the script exits.
+    Without this, SIGTERM ended the script at once and left L1 running."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("terminated (SIGTERM): L1 stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def command_script(command: Sequence[str], env: Mapping[str, str]) -> str:
@@ -457,6 +484,7 @@ __all__ = [
     "kernel_cmdline",
     "panic_summary",
     "l1_argv",
+    "run_cancellable",
     "run_in_l1",
     "tree_python_env",
 ]
