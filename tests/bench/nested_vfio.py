@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from nested.harness.l1 import edu_addresses, run_cancellable, run_in_l1, tree_python_env
-from sealvm.bench.stats import Dist, summarize
+from sealvm.bench.report import cell
+from sealvm.bench.stats import summarize
 from sealvm.trampoline import trampoline
 
 #: (the name a scenario gives its result, argv after ``nested.``)
@@ -72,14 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ms(d: Dist) -> str:
-    """p50 / p95 / max in ms, with n where values are missing."""
-    if d.p50 is None or d.p95 is None or d.max is None:
-        return f"- (0/{d.n})"
-    text = f"{1000 * d.p50:.0f} / {1000 * d.p95:.0f} / {1000 * d.max:.0f}"
-    return text if d.n_ok == d.n else f"{text} [{d.n_ok}/{d.n}]"
-
-
 def rows_by_mode(name: str, result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     backend = result.get("figures", {}).get("backend", "?")
@@ -102,7 +95,7 @@ def report(results: dict[str, dict[str, Any]], scenarios: list[tuple[str, str]],
     ok = True
     print(f"L2 live updates in L1 (nested TCG), {updates} per mode; ms p50 / p95 / max")
     print(f"{'scenario, backend, mode':<28} {'n':>3} {'guest-seen pause':>22} "
-          f"{'QMP STOP->RESUME':>22}  phases p50 (p95)")
+          f"{'QMP STOP->RESUME':>22}  phases p50/p95")
     for name, _ in scenarios:
         result = results.get(name)
         if result is None:
@@ -111,22 +104,16 @@ def report(results: dict[str, dict[str, Any]], scenarios: list[tuple[str, str]],
             continue
         failed = [c for c in result.get("checks", []) if not c.get("ok")]
         for key, rows in rows_by_mode(name, result).items():
-            phases: dict[str, list[float | None]] = {}
-            for r in rows:
-                for phase in r.get("phases") or {}:
-                    phases.setdefault(phase, [])
-            for r in rows:
-                for phase, values in phases.items():
-                    values.append((r.get("phases") or {}).get(phase))
+            names = dict.fromkeys(p for r in rows for p in r.get("phases") or {})
             cells = " ".join(
-                f"{phase} {1000 * d.p50:.0f} ({1000 * d.p95:.0f})"
-                for phase, d in ((p, summarize(v)) for p, v in phases.items())
-                if d.p50 is not None and d.p95 is not None)
-            guest = summarize(r.get("pause_guest") for r in rows)
-            qmp = summarize(r.get("pause_qmp") for r in rows)
-            print(f"{key:<28} {len(rows):>3} {ms(guest):>22} {ms(qmp):>22}  {cells}")
+                f"{phase} " + cell(summarize((r.get("phases") or {}).get(phase) for r in rows),
+                                   stats=("p50", "p95"))
+                for phase in names)
+            guest = cell(summarize(r.get("pause_guest") for r in rows))
+            qmp = cell(summarize(r.get("pause_qmp") for r in rows))
+            print(f"{key:<28} {len(rows):>3} {guest:>22} {qmp:>22}  {cells}")
             if name.startswith("mdma"):
-                gap = ms(summarize(mdma_gap(r) for r in rows))
+                gap = cell(summarize(mdma_gap(r) for r in rows))
                 print(f"{'':<32} the device's largest gap (net of L1's stalls) {gap}")
             if len(rows) != updates:
                 ok = False
