@@ -56,9 +56,10 @@ def l1_info() -> dict[str, Any]:
     }
 
 
-def _state(pid: int | str) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
+def _comm_state(task: Path) -> tuple[str, str]:
+    """Name and state of the process or thread at /proc path *task*."""
+    stat = (task / "stat").read_text()
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
 
 
 def kernel_stacks(pgid: int) -> str:
@@ -73,12 +74,11 @@ def kernel_stacks(pgid: int) -> str:
             continue
         try:
             if (os.getpgid(int(entry)) != pgid and entry not in qemus
-                    and _state(entry) != "D"):
+                    and _comm_state(Path("/proc", entry))[1] != "D"):
                 continue
             for tid in sorted(os.listdir(f"/proc/{entry}/task"), key=int):
                 task = Path(f"/proc/{entry}/task/{tid}")
-                stat = (task / "stat").read_text()
-                comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat.split(") ")[1][0]
+                comm, state = _comm_state(task)
                 out.append(f"{entry}/{tid} {comm} {state} wchan={(task / 'wchan').read_text()}\n"
                            + (task / "stack").read_text())
         except (OSError, ValueError):
