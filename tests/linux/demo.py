@@ -25,15 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sealvm import Machine, live_update, spec_from_dict
+from sealvm import Machine, live_update
 from sealvm.console import ConsoleFollower, ConsoleLog
 
-from .traffic import GUEST_IP, HOST_IP, Traffic, check_disk_image
-
-HB_MS = 20
-DISK_SIZE = 4 << 20
-CMDLINE = (f"console=ttyS0 loglevel=1 panic=-1 sealvm.ip={GUEST_IP}/24 sealvm.hb_ms={HB_MS} "
-           "sealvm.pattern=25% sealvm.disk_ms=10 sealvm.dpass_ms=1500")
+from .guest import DISK_SIZE, HB_MS, linux_spec, make_disk
+from .traffic import Traffic, check_disk_image
 
 
 def hb(log: ConsoleLog, key: str) -> int:
@@ -50,15 +46,10 @@ async def run(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace, work: Path) -> int:
     """The demo, its disk image and (without --run-dir) its run root in *work*."""
-    image = work / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_SIZE)
+    image = make_disk(work / "disk.img")
     ns = f"sealvm-demo-{secrets.token_hex(3)}"
-    spec = spec_from_dict({
-        "name": "demo-linux", "qemu": args.qemu, "memory": {"size": args.memory},
-        "guest": {"kernel": args.kernel, "initrd": args.initrd, "cmdline": CMDLINE},
-        "net": [{"netns": ns, "address": f"{HOST_IP}/24"}],
-        "disk": [{"path": str(image), "cache": "none"}]})
+    spec = linux_spec(name="demo-linux", qemu=args.qemu, kernel=args.kernel,
+                      initrd=args.initrd, ns=ns, image=image, memory=args.memory)
     vm = Machine(spec, run_root=args.run_dir or work / "run")
     failures: list[str] = []
     print(f"Linux guest ({args.memory}, virtio-net on tap {spec.net[0].tap} in namespace {ns}, "

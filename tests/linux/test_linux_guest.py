@@ -24,17 +24,17 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from sealvm import Machine, confine, live_update, spec_from_dict
+from sealvm import Machine, confine, live_update
 from sealvm.console import ConsoleFollower, ConsoleLog
 from sealvm.errors import HostError, PreflightError
 from sealvm.net import in_netns, tap_exists
 from sealvm.preflight import run_preflight
 from sealvm.spec import VmSpec
 
+from . import guest
 from .conftest import ROWS
+from .guest import DISK_SIZE, HB_MS, make_disk
 from .traffic import (
-    GUEST_IP,
-    HOST_IP,
     Traffic,
     check_disk_image,
     flip_latest_block,
@@ -43,36 +43,22 @@ from .traffic import (
     write_perm_locked,
 )
 
-HB_MS = 20
 UPDATES = 20
-DISK_SIZE = 4 << 20
-CMDLINE = (f"console=ttyS0 loglevel=1 panic=-1 sealvm.ip={GUEST_IP}/24 sealvm.hb_ms={HB_MS} "
-           "sealvm.pattern=25% sealvm.disk_ms=10 sealvm.dpass_ms=1500")
 
 pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(DISK_SIZE)
-    return path
+    return make_disk(tmp_path / "disk.img")
 
 
 @pytest.fixture
 def linux_spec(qemu_binary: Path, linux_kernel: Path, linux_initrd: Path,
                image: Path) -> Callable[..., VmSpec]:
     def make(ns: str, *, name: str = "lvm", **net: object) -> VmSpec:
-        return spec_from_dict({
-            "name": name,
-            "qemu": str(qemu_binary),
-            "memory": {"size": "256M"},
-            "guest": {"kernel": str(linux_kernel), "initrd": str(linux_initrd),
-                      "cmdline": CMDLINE},
-            "net": [{"netns": ns, "address": f"{HOST_IP}/24", **net}],
-            "disk": [{"path": str(image), "cache": "none"}],
-        })
+        return guest.linux_spec(name=name, qemu=qemu_binary, kernel=linux_kernel,
+                                initrd=linux_initrd, ns=ns, image=image, nic=net)
     return make
 
 
@@ -287,8 +273,7 @@ async def test_vhost_and_a_swapped_image_are_refused(
     await vm.launch()
     try:
         image.rename(image.with_suffix(".old"))
-        with open(image, "wb") as f:
-            f.truncate(DISK_SIZE)
+        make_disk(image)
         for mode in ("cpr-exec", "cpr-transfer"):
             with pytest.raises(PreflightError, match="now names another file"):
                 await live_update(vm, mode=mode)
