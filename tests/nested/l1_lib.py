@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .qemu_steps import STEP_TRACES, TIMESTAMP_ARGS
+
 if TYPE_CHECKING:
     from sealvm import Machine
 
@@ -132,9 +134,10 @@ MAP_TRACES = (
 )
 
 
-def trace_args(names: tuple[str, ...] = MAP_TRACES) -> list[str]:
-    """QEMU arguments enabling the trace events *names*."""
-    args: list[str] = []
+def trace_args(names: tuple[str, ...] = MAP_TRACES + STEP_TRACES) -> list[str]:
+    """QEMU arguments enabling the trace events *names*, each log line
+    timestamped (for `qemu_steps`)."""
+    args: list[str] = list(TIMESTAMP_ARGS)
     for event in names:
         args += ["-trace", f"enable={event}"]
     return args
@@ -162,13 +165,15 @@ class QemuLog:
         self.path = path
         self.names = names
         self.offset = 0
+        self.text = ""  # what the last new_events() read
 
     def new_events(self) -> list[tuple[str, str]]:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
         self.offset += len(data)
-        return trace_events(data.decode(errors="replace"), self.names)
+        self.text = data.decode(errors="replace")
+        return trace_events(self.text, self.names)
 
 
 def count_events(events: list[tuple[str, str]]) -> dict[str, int]:

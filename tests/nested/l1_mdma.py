@@ -67,6 +67,7 @@ from .l1_lib import (
     trace_args,
 )
 from .l1_vfio import ram_maps
+from .qemu_steps import timed_events, update_steps
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MDEV_TYPE = Path("/sys/class/mdev_bus/mdma/mdev_supported_types/mdma-1")
@@ -282,7 +283,7 @@ async def scenario_iommufd(checks: Checks, updates: int) -> None:
             rows: list[dict[str, Any]] = []
             modes = ["cpr-exec"] * updates + ["cpr-transfer"] * updates
             for i, mode in enumerate(modes, 1):
-                rows.append(await one_update(checks, vm, con, uid, i, mode))
+                rows.append(await one_update(checks, vm, con, qlog, uid, i, mode))
             checks.figures["updates"] = rows
             last = await con.wait_full_pass(STEP_TIMEOUT)
             checks.check("after the last update: a complete pattern pass verified, "
@@ -315,8 +316,8 @@ async def scenario_iommufd(checks: Checks, updates: int) -> None:
         check_cleanup(checks, vm, uid)
 
 
-async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str, i: int,
-                     mode: str) -> dict[str, Any]:
+async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, qlog: QemuLog,
+                     uid: str, i: int, mode: str) -> dict[str, Any]:
     start = len(con.log.heartbeats)
     before = mdev_stats(uid)
     seen0 = last_seen(con.log)
@@ -331,17 +332,21 @@ async def one_update(checks: Checks, vm: Machine, con: ConsoleFollower, uid: str
     gaps = gap_verdict(read_beats(uid), read_witness(uid), t0=t0, t1=t1,
                        period_ns=after["period_ms"] * 1_000_000)
     view = guest_view(con.log, start)
+    qlog.new_events()
+    steps = update_steps(timed_events(qlog.text))
     pause = report.pause_guest if report.pause_guest is not None else -1.0
     row: dict[str, Any] = {
         "update": i, "mode": mode, "pid": report.pid_after, "pause_qmp": report.pause_qmp,
         "pause_guest": report.pause_guest, "total": report.total, "phases": report.phases,
-        "guest_gap_ms": view["gap_us"] / 1000, "seen_before": seen0,
+        "steps": steps, "guest_gap_ms": view["gap_us"] / 1000, "seen_before": seen0,
         "seen_after": view["seen"], "device": delta(before, after), "errnos": errnos(after),
         "gaps": gaps, "mism_before": mism0, "mism_after": con.log.mismatch_counter(),
     }
     print(f"update {i} {mode}: pause guest {pause * 1000:.0f} ms, qmp "
           f"{(report.pause_qmp or -1) * 1000:.0f} ms, device gaps {gap_detail(gaps)}, "
           f"failures {failures(after) - failures(before)}", flush=True)
+    checks.check(f"update {i} ({mode}): QEMU's steps in the pause read from its log",
+                 "total" in steps and "load" in steps, steps)
     checks.check(f"update {i} ({mode}): device kept writing",
                  view["seen"] > seen0 + SETTLE_RECORDS and row["device"]["beats"] > 0,
                  f"seen {seen0} -> {view['seen']}, {row['device']}")

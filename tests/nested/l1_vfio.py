@@ -66,6 +66,7 @@ from .l1_lib import (
     trace_args,
     vfio_cdevs,
 )
+from .qemu_steps import timed_events, update_steps
 
 RUN_ROOT = Path("/run/sealvm-l2")
 MEMORY = 256 << 20
@@ -349,17 +350,20 @@ async def scenario(checks: Checks, backend: str, bdf: str, updates: int, mode: s
                 events = qlog.new_events()
                 counts = count_events(events)
                 maps = ram_maps(events)
+                steps = update_steps(timed_events(qlog.text))
                 row = {
                     "update": i, "pid": report.pid_after, "pause_qmp": report.pause_qmp,
                     "pause_guest": report.pause_guest, "total": report.total,
                     "phases": report.phases, "dma_before": before, "dma_after": dma,
                     "dma_err": err, "dma_progress_wait": waited, "traces": counts,
-                    "maps": maps, "around_pause": around,
+                    "maps": maps, "steps": steps, "around_pause": around,
                     "mism_before": mism0, "mism_after": con.log.mismatch_counter(),
                 }
                 per_update.append(row)
                 checks.check(f"update {i}: same pid", report.pid_after == pid,
                              report.pid_after)
+                checks.check(f"update {i}: QEMU's steps in the pause read from its log",
+                             "total" in steps and "load" in steps, steps)
                 checks.check(f"update {i}: DMA continues after the update",
                              dma > before + 1 and err == 0,
                              f"dma {before} -> {dma}, dma_err={err}")
