@@ -112,6 +112,10 @@ def report(results: dict[str, dict[str, Any]], scenarios: list[tuple[str, str]],
             guest = cell(summarize(r.get("pause_guest") for r in rows))
             qmp = cell(summarize(r.get("pause_qmp") for r in rows))
             print(f"{key:<28} {len(rows):>3} {guest:>22} {qmp:>22}  {cells}")
+            steps = dict.fromkeys(k for r in rows for k in r.get("steps") or {})
+            print(f"{'':<32} QEMU's steps p50/p95: " + " ".join(
+                f"{k} " + cell(summarize((r.get("steps") or {}).get(k) for r in rows),
+                               stats=("p50", "p95")) for k in steps))
             if name.startswith("mdma"):
                 gap = cell(summarize(mdma_gap(r) for r in rows))
                 print(f"{'':<32} the device's largest gap (net of L1's stalls) {gap}")
