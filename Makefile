@@ -20,7 +20,7 @@ LINUX_GUEST = $(shell scripts/build-linux-guest --print 2>/dev/null)
 
 .PHONY: all deps venv qemu qemu-upstream print-qemu print-qemu-upstream guest print-guest \
 	host-kernel print-host-kernel linux-guest print-linux-guest check test test-unit faults fleet \
-	soak demo bench bench-compare bench-endpoint bench-confine bench-change-process bench-nested \
+	soak demo bench bench-compare bench-endpoint bench-confine bench-change-process bench-nested bench-linux \
 	series-check clean-venv
 
 all: deps qemu guest
@@ -128,6 +128,13 @@ NESTED_BENCH_ARGS ?=
 bench-nested: deps qemu guest host-kernel
 	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_GUEST=$(GUEST) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
 		../$(PY) -m bench.nested_vfio $(NESTED_BENCH_ARGS)
+
+# What a live update costs an operator's VM's network: the Linux guest with
+# TCP and UDP, per mode against classic migration (tests/bench/linux_tcp.py).
+LINUX_BENCH_ARGS ?=
+bench-linux: deps qemu host-kernel linux-guest
+	cd tests && SEALVM_QEMU=$(QEMU) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
+		SEALVM_LINUX_GUEST=$(LINUX_GUEST) ../$(PY) -m bench.linux_tcp $(LINUX_BENCH_ARGS)
 
 # What QEMU's confinement costs the pause (tests/bench/confine_ab.py).
 CONFINE_AB_ARGS ?=
