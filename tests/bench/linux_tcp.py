@@ -25,19 +25,26 @@ import argparse
 import asyncio
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from linux.guest import HB_MS, linux_spec, make_disk
-from linux.traffic import Traffic, check_disk_image
+from linux.guest import (
+    HB_MS,
+    disk_failures,
+    end_traffic,
+    guest_failures,
+    linux_spec,
+    make_disk,
+    running_with_traffic,
+)
+from linux.traffic import Traffic
 from sealvm import Machine, live_update
 from sealvm.bench.report import cell
 from sealvm.bench.stats import Dist, summarize
-from sealvm.console import ConsoleFollower, ConsoleLog
+from sealvm.console import ConsoleLog
 from sealvm.errors import SealvmError
 from sealvm.preflight import MODES
 
@@ -69,10 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--modes: {', '.join(bad)} (have {', '.join((*MODES, NONE))})")
     return args
-
-
-def hb(log: ConsoleLog, key: str) -> int:
-    return log.heartbeats[-1].int(key) if log.heartbeats else -1
 
 
 def _count(d: Dist) -> str:
@@ -110,11 +113,8 @@ def report(rows: list[dict[str, Any]], modes: list[str]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="sealvm-bench-linux-"))
-    try:
-        return await _run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="sealvm-bench-linux-") as work:
+        return await _run(args, Path(work))
 
 
 async def _run(args: argparse.Namespace, work: Path) -> int:
@@ -128,46 +128,19 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     print(f"Linux guest ({args.memory}, virtio-net + virtio-blk), TCP stream + echo, UDP "
           f"every 5 ms; {args.rounds} updates per mode, interleaved; ms p50 / p95 / max",
           flush=True)
-    await vm.launch()
-    try:
-        async with ConsoleFollower(vm.paths.serial) as con:
-            await con.wait_for(lambda log: hb(log, "dpass") >= 1, 120)
-            traffic = Traffic(ns)
-            await asyncio.to_thread(traffic.start)
-            try:
-                await con.wait_for(lambda log: hb(log, "tcp_in") > 0 and hb(log, "udp") > 0, 60)
-                for r in range(args.rounds):
-                    k = r % len(args.modes)
-                    for mode in args.modes[k:] + args.modes[:k]:
-                        rows.append(await one_update(vm, con.log, traffic, mode, failures))
-                        print(f"{len(rows):>3} {mode:<13} " + " ".join(
-                            f"{key} {rows[-1][key] * 1000:.0f}" if
-                            isinstance(rows[-1][key], float) else f"{key} -"
-                            for key in ("pause_qmp", "pause_guest", "tcp_stall")),
-                            f"udp_lost {rows[-1]['udp_lost']}", flush=True)
-                passes = hb(con.log, "dpass")
-                await con.wait_for(lambda log: hb(log, "dpass") >= passes + 1, 60)
-                await asyncio.sleep(1.0)
-                errors = traffic.tcp_errors()
-                echoed = traffic.echo_verified()
-                streamed = traffic.stream.received if traffic.stream else 0
-            finally:
-                await asyncio.to_thread(traffic.close)
-            log = con.log
-        report(rows, args.modes)
-        print(f"TCP: {echoed} bytes echoed and {streamed} streamed, verified byte for byte, "
-              f"{'no reset' if not errors else errors}")
-        failures += [f"TCP: {e}" for e in errors]
-        if hb(log, "tcp_bad"):
-            failures.append("TCP: the guest received a wrong byte")
-        if hb(log, "dbad") or hb(log, "mism") or log.mismatches or not log.counter_continuous():
-            failures.append("guest: disk block, memory mismatch or heartbeat reset")
-    finally:
-        await vm.shutdown()
-    disk = check_disk_image(image)
-    print(f"disk: {disk.blocks} blocks re-read by the host, {len(disk.bad)} bad")
-    if disk.bad:
-        failures.append(f"disk: {len(disk.bad)} bad blocks")
+    async with running_with_traffic(vm, ns) as (con, traffic):
+        for r in range(args.rounds):
+            k = r % len(args.modes)
+            for mode in args.modes[k:] + args.modes[:k]:
+                rows.append(await one_update(vm, con.log, traffic, mode, failures))
+                print(f"{len(rows):>3} {mode:<13} " + " ".join(
+                    f"{key} {rows[-1][key] * 1000:.0f}" if isinstance(rows[-1][key], float)
+                    else f"{key} -" for key in ("pause_qmp", "pause_guest", "tcp_stall")),
+                    f"udp_lost {rows[-1]['udp_lost']}", flush=True)
+        end = await end_traffic(con, traffic)
+    report(rows, args.modes)
+    failures += guest_failures(end, con.log)
+    failures += disk_failures(image)
     print("linux_tcp: OK" if not failures else "linux_tcp: FAILED\n  " + "\n  ".join(failures))
     return 0 if not failures else 1
 

@@ -26,14 +26,17 @@ import time
 from pathlib import Path
 
 from sealvm import Machine, live_update
-from sealvm.console import ConsoleFollower, ConsoleLog
 
-from .guest import DISK_SIZE, HB_MS, linux_spec, make_disk
-from .traffic import Traffic, check_disk_image
-
-
-def hb(log: ConsoleLog, key: str) -> int:
-    return log.heartbeats[-1].int(key) if log.heartbeats else -1
+from .guest import (
+    DISK_SIZE,
+    HB_MS,
+    disk_failures,
+    end_traffic,
+    guest_failures,
+    linux_spec,
+    make_disk,
+    running_with_traffic,
+)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -54,54 +57,28 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     failures: list[str] = []
     print(f"Linux guest ({args.memory}, virtio-net on tap {spec.net[0].tap} in namespace {ns}, "
           f"virtio-blk on a {DISK_SIZE >> 20} MiB raw image): {args.updates} live updates")
-    await vm.launch()
-    try:
-        async with ConsoleFollower(vm.paths.serial) as con:
-            await con.wait_for(lambda log: hb(log, "dpass") >= 1, 120)
-            traffic = Traffic(ns)
-            await asyncio.to_thread(traffic.start)
-            try:
-                await con.wait_for(lambda log: hb(log, "tcp_in") > 0 and hb(log, "udp") > 0, 60)
-                print(f"{'#':>2} {'mode':<13} {'pause QMP':>9} {'guest':>7} {'TCP stall':>9} "
-                      f"{'UDP lost':>10}")
-                stalls, lost = [], []
-                for i in range(args.updates):
-                    mode = "cpr-exec" if i % 2 == 0 else "cpr-transfer"
-                    t0 = time.monotonic()
-                    rep = await live_update(vm, mode=mode, heartbeat_interval=HB_MS / 1000)
-                    w = traffic.window(t0, time.monotonic())
-                    stalls.append(w.tcp_stall)
-                    lost.append(w.udp_lost)
-                    print(f"{i + 1:>2} {mode:<13} {(rep.pause_qmp or 0) * 1000:7.0f}ms "
-                          f"{(rep.pause_guest or 0) * 1000:5.0f}ms {w.tcp_stall * 1000:7.0f}ms "
-                          f"{w.udp_lost:>4}/{w.udp_sent:<5}")
-                    if rep.mismatches or not rep.heartbeat_continuous:
-                        failures.append(f"update {i + 1}: guest memory or heartbeat")
-                passes = hb(con.log, "dpass")
-                await con.wait_for(lambda log: hb(log, "dpass") >= passes + 1, 60)
-                await asyncio.sleep(1.0)
-                errors = traffic.tcp_errors()
-                echoed = traffic.echo_verified()
-                streamed = traffic.stream.received if traffic.stream else 0
-            finally:
-                await asyncio.to_thread(traffic.close)
-            log = con.log
-        print(f"TCP stall median {statistics.median(stalls) * 1000:.0f} ms, max "
-              f"{max(stalls) * 1000:.0f} ms; UDP lost median {statistics.median(lost):.0f}, "
-              f"max {max(lost)} per update")
-        print(f"TCP: {echoed} bytes echoed and {streamed} streamed, verified byte for byte, "
-              f"{'no reset' if not errors else errors}")
-        failures += [f"TCP: {e}" for e in errors]
-        if hb(log, "tcp_bad"):
-            failures.append("TCP: the guest received a wrong byte")
-        if hb(log, "dbad") or hb(log, "mism") or log.mismatches or not log.counter_continuous():
-            failures.append("guest: disk block, memory mismatch or heartbeat reset")
-    finally:
-        await vm.shutdown()
-    disk = check_disk_image(image)
-    print(f"disk: {disk.blocks} blocks re-read by the host, {len(disk.bad)} bad")
-    if disk.bad:
-        failures.append(f"disk: {len(disk.bad)} bad blocks")
+    async with running_with_traffic(vm, ns) as (con, traffic):
+        print(f"{'#':>2} {'mode':<13} {'pause QMP':>9} {'guest':>7} {'TCP stall':>9} "
+              f"{'UDP lost':>10}")
+        stalls, lost = [], []
+        for i in range(args.updates):
+            mode = "cpr-exec" if i % 2 == 0 else "cpr-transfer"
+            t0 = time.monotonic()
+            rep = await live_update(vm, mode=mode, heartbeat_interval=HB_MS / 1000)
+            w = traffic.window(t0, time.monotonic())
+            stalls.append(w.tcp_stall)
+            lost.append(w.udp_lost)
+            print(f"{i + 1:>2} {mode:<13} {(rep.pause_qmp or 0) * 1000:7.0f}ms "
+                  f"{(rep.pause_guest or 0) * 1000:5.0f}ms {w.tcp_stall * 1000:7.0f}ms "
+                  f"{w.udp_lost:>4}/{w.udp_sent:<5}")
+            if rep.mismatches or not rep.heartbeat_continuous:
+                failures.append(f"update {i + 1}: guest memory or heartbeat")
+        end = await end_traffic(con, traffic)
+    print(f"TCP stall median {statistics.median(stalls) * 1000:.0f} ms, max "
+          f"{max(stalls) * 1000:.0f} ms; UDP lost median {statistics.median(lost):.0f}, "
+          f"max {max(lost)} per update")
+    failures += guest_failures(end, con.log)
+    failures += disk_failures(image)
     print("demo: OK" if not failures else "demo: FAILED\n  " + "\n  ".join(failures))
     return 0 if not failures else 1
 
