@@ -317,3 +317,23 @@ async def test_binary_replaced_on_the_host_is_not_cpr_execd(
     assert report.mismatches == 0 and vm.pid != pid
     assert os.stat(f"/proc/{vm.pid}/exe").st_ino == os.stat(qemu).st_ino
     await sealvm_check_guest(vm)
+
+
+async def test_relaunch_takes_the_serial_log_from_an_earlier_qemu_user(
+        sealvm_launch: VmLauncher, sealvm_run_root: Path) -> None:
+    """A VM launched again where an earlier QEMU of another uid left its
+    serial log (the bench's --at-once relaunched this way and QEMU could not
+    open it: Permission denied) starts, the log now its new user's."""
+    vm = await sealvm_launch()
+    spec = vm.spec
+    await vm.shutdown()
+    serial = vm.paths.serial
+    os.chown(serial, 54321, 54321)  # as an earlier QEMU's uid would have it
+    again = Machine(spec, run_root=sealvm_run_root)
+    await again.launch()
+    try:
+        assert again.confinement is not None
+        assert serial.stat().st_uid == again.confinement.uid
+        assert await again.status() == "running"
+    finally:
+        await again.shutdown()

@@ -297,8 +297,9 @@ class Machine:
         conf = None
         try:
             conf = confine.confinement(self.spec, self.paths.root)
+            # the serial log may be left from a QEMU of another uid: the new one's
             confine.prepare(conf, self.paths.qemu_dir, self.paths.jail_root,
-                            self.spec.serial_log)
+                            self.spec.serial_log or self.paths.serial)
             if conf is not None:
                 conf = confine.hand_disks(self.spec, conf)
             self._confinement = conf

@@ -294,8 +294,9 @@ def wrap(argv: list[str], plan: dict[str, Any]) -> list[str]:
 def prepare(conf: Confinement | None, qemu_dir: Path, jail_root: Path,
             serial_log: Path | None) -> None:
     """QEMU's own directory (owned by the VM's user, 0700), the jail's mount
-    point, and a serial log outside the run directory that the user may
-    append to."""
+    point, and the serial log, which the user may append to (created, or
+    taken from the user of an earlier QEMU of the VM's: a relaunch may get
+    another uid)."""
     qemu_dir.mkdir(mode=0o700, exist_ok=True)
     jail_root.mkdir(mode=0o700, exist_ok=True)
     owner = (0, 0) if conf is None else (conf.uid, conf.gid)
