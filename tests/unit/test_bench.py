@@ -248,3 +248,25 @@ def test_compare_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     history.append(tmp_path, _entry("2026-11-30T09:00:00+00:00", 0.040, 0.050))
     assert main(["--compare", "--out", str(tmp_path)]) == 0
     assert "40.0 -> 40.0 (+0%)" in capsys.readouterr().out
+
+
+async def test_a_vm_that_does_not_launch_fails_its_count_not_the_bench(
+        binaries: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--at-once: a launch that fails (here a stand-in raising LaunchError;
+    the real one was QEMU unable to open its serial log) is recorded as
+    FAILED for that count and the bench goes on to print its table."""
+    from sealvm.bench import batch
+    from sealvm.bench.run import Slot
+    from sealvm.errors import LaunchError
+
+    async def launch(*a: object, **kw: object) -> Slot:
+        raise LaunchError("QEMU exited before its monitor answered")
+
+    monkeypatch.setattr(Slot, "launch", launch)
+    cfg = args.parse([*binaries, "--at-once", "1", "--at-once-size", "64M"])
+    failed: list[str] = []
+    assert cfg.qemu is not None
+    b = await batch.run_batch(cfg, 1, qemu=cfg.qemu, run_root=tmp_path, failed=failed)
+    assert b.rounds == [] and not b.skipped
+    assert failed == ["at once x1: launching VM 0: LaunchError: QEMU exited before its "
+                      "monitor answered"], failed

@@ -88,8 +88,15 @@ async def run_batch(cfg: Config, count: int, *, qemu: Path, run_root: Path,
     slots: list[Slot] = []
     try:
         for i in range(count):
-            slots.append(await Slot.launch(MODE, size, qemu=qemu, guest=cfg.guest,
-                                           run_root=run_root, name=f"bench-at-once-{i}"))
+            try:
+                slots.append(await Slot.launch(MODE, size, qemu=qemu, guest=cfg.guest,
+                                               run_root=run_root, name=f"bench-at-once-{i}"))
+            except (SealvmError, TimeoutError, OSError) as exc:
+                # the rest of the bench still reports: this count is FAILED
+                failed.append(f"at once x{count}: launching VM {i}: "
+                              f"{type(exc).__name__}: {exc}")
+                say(f"FAILED {failed[-1]}")
+                return batch
         for rnd in range(cfg.at_once_rounds):
             r = await _round(slots, qemu, rnd)
             batch.rounds.append(r)
