@@ -66,6 +66,8 @@ def binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (["--sizes", "1G,1G"], "--sizes"),
     (["--sizes", "8M"], "--sizes"),
     (["--sizes", "lots"], "--sizes"),
+    (["--classic-sizes", ""], "--classic-sizes"),
+    (["--classic-sizes", "4G,nine"], "--classic-sizes"),
     (["--updates", "0"], "--updates"),
     (["--updates", "-3"], "--updates"),
     (["--updates", "many"], "--updates"),
@@ -116,6 +118,17 @@ def test_good_arguments(binaries: list[str]) -> None:
     # no upstream mode: no upstream binary needed
     cfg = args.parse([*binaries[:2], *binaries[4:], "--modes", "sealvm-transfer"])
     assert cfg.qemu_upstream is None
+
+
+def test_default_rows_are_the_goals_and_classic_stops_at_4g(binaries: list[str]) -> None:
+    cfg = args.parse(binaries)
+    assert set(cfg.modes) == set(args.DEFAULT_MODES)
+    assert "sealvm-exec-cold" not in cfg.modes and "sealvm-exec-oneway" not in cfg.modes
+    assert cfg.modes_at(8 << 30) == ["sealvm-exec", "upstream-exec", "sealvm-transfer"]
+    assert "classic" in cfg.modes_at(4 << 30)
+    # the diagnostics on request, classic everywhere on request
+    cfg = args.parse([*binaries, "--modes", "sealvm-exec-cold,classic", "--classic-sizes", "all"])
+    assert cfg.modes_at(8 << 30) == ["sealvm-exec-cold", "classic"]
 
 
 # ---- the table and goals

@@ -74,7 +74,16 @@ def git_commit(where: Path) -> str | None:
 def machine(qemu: dict[str, Path | None]) -> dict[str, Any]:
     """What the figures depend on besides the code."""
     return {"nproc": os.cpu_count(), "mem_total": mem_total(), "kernel": platform.release(),
-            "qemu": {k: cache_key(v) for k, v in qemu.items()}}
+            "uptime_s": uptime(), "qemu": {k: cache_key(v) for k, v in qemu.items()}}
+
+
+def uptime() -> int | None:
+    """Seconds since the machine started (a freshly started machine and a
+    long-running one give different pauses here), None if unreadable."""
+    try:
+        return round(float(Path("/proc/uptime").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def table_stem(when: datetime, out: Path) -> str:
