@@ -180,6 +180,15 @@ def test_at_once_table_and_goal() -> None:
     lines = "\n".join(report.ratio_lines(report.ratios([], [one, eight])))
     assert "[<= 2.0]  MISSED (p50, p95)" in lines
     assert "[<= 2.0]  not measured" in "\n".join(report.ratio_lines(report.ratios([], [one])))
+    # the first of the 8 updated alone, the other 7 running
+    eight.alone = [BatchRound(i, w) for i, w in enumerate((0.40, 0.44, 0.45))]
+    text = "\n".join(report.batch_table([one, eight]))
+    assert "440.0/450.0/450.0  only the first VM updated, the other 7 running" in text
+    r2 = report.ratios([], [one, eight])
+    assert r2["wall(one of 8 alone, 7 running)/wall(1 VM)"] == {"p50": 0.44 / 0.22,
+                                                               "p95": 0.45 / 0.25}
+    assert r2["wall(8 VMs at once)/wall(one of 8 alone)"] == {"p50": 0.50 / 0.44,
+                                                             "p95": 0.60 / 0.45}
 
 
 def test_table_shows_missing_values_and_failures() -> None:

@@ -65,7 +65,8 @@ async def run(cfg: args.Config) -> int:
     data = dict(entry, points=[report.summary(p) for p in points],
                 samples=[{"mode": p.mode, "size": p.size,
                           "samples": [s.to_dict() for s in p.samples]} for p in points],
-                at_once_rounds=[{"count": b.count, "rounds": [x.to_dict() for x in b.rounds]}
+                at_once_rounds=[{"count": b.count, "rounds": [x.to_dict() for x in b.rounds],
+                                 "alone": [x.to_dict() for x in b.alone]}
                                 for b in batches])
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     header = (f"sealvm bench {entry['date']}  commit {entry['commit']}  load "

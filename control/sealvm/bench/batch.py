@@ -9,6 +9,11 @@ previous round, then updates them all with cpr-exec at once.  The round's
 wall time runs from the first update's start to the last one's end; each
 VM's guest-seen and QMP pauses are kept too.  A count whose VMs do not fit
 in memory is skipped, saying why.
+
+For a count above one, as many rounds again update only the first of the
+VMs while the others keep running (`alone`): the wall time the running
+guests alone cost an update (each TCG vCPU wants a whole core), apart from
+what updating them all at once adds.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class Batch:
     size: int
     rounds: list[BatchRound] = field(default_factory=list)
     skipped: str | None = None
+    #: count > 1: rounds updating only the first VM, the others running
+    alone: list[BatchRound] = field(default_factory=list)
 
 
 async def _round(slots: list[Slot], qemu: Path, rnd: int) -> BatchRound:
@@ -105,6 +112,16 @@ async def run_batch(cfg: Config, count: int, *, qemu: Path, run_root: Path,
                 failed += [f"{where}: {e}" for e in r.errors]
                 say(f"FAILED {where}: {'; '.join(r.errors)}")
                 break  # a VM that failed is gone or rolled back: stop this count
+            say(f"{where}: wall {1000 * (r.wall or 0):.1f} ms")
+        broken = any(r.errors for r in batch.rounds)  # a VM may be gone
+        for rnd in range(cfg.at_once_rounds if count > 1 and not broken else 0):
+            r = await _round(slots[:1], qemu, rnd)
+            batch.alone.append(r)
+            where = f"one of {count} alone round {rnd + 1}/{cfg.at_once_rounds}"
+            if r.errors:
+                failed += [f"{where}: {e}" for e in r.errors]
+                say(f"FAILED {where}: {'; '.join(r.errors)}")
+                break
             say(f"{where}: wall {1000 * (r.wall or 0):.1f} ms")
     finally:
         for slot in slots:

@@ -165,6 +165,9 @@ def ratios(points: list[Point], batches: list[Batch] | None = None
             [figures(p)["pause_guest"] for p in points if p.mode == mode])
     walls = {b.count: batch_figures(b)["wall"] for b in batches or []}
     out["wall(8 VMs at once)/wall(1 VM) sealvm-exec"] = div(walls.get(8), walls.get(1))
+    alone = {b.count: summarize(r.wall for r in b.alone) for b in batches or [] if b.alone}
+    out["wall(one of 8 alone, 7 running)/wall(1 VM)"] = div(alone.get(8), walls.get(1))
+    out["wall(8 VMs at once)/wall(one of 8 alone)"] = div(walls.get(8), alone.get(8))
     return out
 
 
@@ -177,7 +180,8 @@ def batch_figures(b: Batch) -> dict[str, Dist]:
 
 def batch_summary(b: Batch) -> dict[str, Any]:
     return {"count": b.count, "size": b.size, "skipped": b.skipped,
-            "figures": {k: d.to_dict() for k, d in batch_figures(b).items()}}
+            "figures": {k: d.to_dict() for k, d in batch_figures(b).items()},
+            "alone_wall": summarize(r.wall for r in b.alone).to_dict() if b.alone else None}
 
 
 def batch_table(batches: list[Batch]) -> list[str]:
@@ -195,6 +199,10 @@ def batch_table(batches: list[Batch]) -> list[str]:
         f = batch_figures(b)
         lines.append(f"  {b.count:>3}  {len(b.rounds):>6}  {cell(f['wall']):>22}  "
                      f"{cell(f['pause_guest']):>28}  {cell(f['pause_qmp']):>20}")
+        if b.alone:
+            lines.append(f"  {'':>3}  {len(b.alone):>6}  "
+                         f"{cell(summarize(r.wall for r in b.alone)):>22}  "
+                         f"only the first VM updated, the other {b.count - 1} running")
     return lines
 
 
