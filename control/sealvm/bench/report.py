@@ -165,23 +165,24 @@ def ratios(points: list[Point], batches: list[Batch] | None = None
             [figures(p)["pause_guest"] for p in points if p.mode == mode])
     walls = {b.count: batch_figures(b)["wall"] for b in batches or []}
     out["wall(8 VMs at once)/wall(1 VM) sealvm-exec"] = div(walls.get(8), walls.get(1))
-    alone = {b.count: summarize(r.wall for r in b.alone) for b in batches or [] if b.alone}
+    alone = {b.count: batch_figures(b)["alone_wall"] for b in batches or [] if b.alone}
     out["wall(one of 8 alone, 7 running)/wall(1 VM)"] = div(alone.get(8), walls.get(1))
     out["wall(8 VMs at once)/wall(one of 8 alone)"] = div(walls.get(8), alone.get(8))
     return out
 
 
 def batch_figures(b: Batch) -> dict[str, Dist]:
-    """A count's wall time per round, and every VM's pauses."""
+    """A count's wall time per round, and every VM's pauses; the wall time
+    of the rounds updating only its first VM (n = 0 for one VM)."""
     return {"wall": summarize(r.wall for r in b.rounds),
+            "alone_wall": summarize(r.wall for r in b.alone),
             "pause_guest": summarize(rep.pause_guest for r in b.rounds for rep in r.reports),
             "pause_qmp": summarize(rep.pause_qmp for r in b.rounds for rep in r.reports)}
 
 
 def batch_summary(b: Batch) -> dict[str, Any]:
     return {"count": b.count, "size": b.size, "skipped": b.skipped,
-            "figures": {k: d.to_dict() for k, d in batch_figures(b).items()},
-            "alone_wall": summarize(r.wall for r in b.alone).to_dict() if b.alone else None}
+            "figures": {k: d.to_dict() for k, d in batch_figures(b).items()}}
 
 
 def batch_table(batches: list[Batch]) -> list[str]:
@@ -201,7 +202,7 @@ def batch_table(batches: list[Batch]) -> list[str]:
                      f"{cell(f['pause_guest']):>28}  {cell(f['pause_qmp']):>20}")
         if b.alone:
             lines.append(f"  {'':>3}  {len(b.alone):>6}  "
-                         f"{cell(summarize(r.wall for r in b.alone)):>22}  "
+                         f"{cell(f['alone_wall']):>22}  "
                          f"only the first VM updated, the other {b.count - 1} running")
     return lines
 
