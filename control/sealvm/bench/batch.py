@@ -80,6 +80,22 @@ async def _round(slots: list[Slot], qemu: Path, rnd: int) -> BatchRound:
     return out
 
 
+async def _rounds(slots: list[Slot], qemu: Path, n: int, label: str,
+                  into: list[BatchRound], failed: list[str]) -> bool:
+    """*n* rounds updating *slots* at once, appended to *into*; False when a
+    round failed (a VM that failed is gone or rolled back: no more rounds)."""
+    for rnd in range(n):
+        r = await _round(slots, qemu, rnd)
+        into.append(r)
+        where = f"{label} round {rnd + 1}/{n}"
+        if r.errors:
+            failed += [f"{where}: {e}" for e in r.errors]
+            say(f"FAILED {where}: {'; '.join(r.errors)}")
+            return False
+        say(f"{where}: wall {1000 * (r.wall or 0):.1f} ms")
+    return True
+
+
 async def run_batch(cfg: Config, count: int, *, qemu: Path, run_root: Path,
                     failed: list[str]) -> Batch:
     """All the rounds of *count* VMs at once."""
@@ -104,25 +120,11 @@ async def run_batch(cfg: Config, count: int, *, qemu: Path, run_root: Path,
                               f"{type(exc).__name__}: {exc}")
                 say(f"FAILED {failed[-1]}")
                 return batch
-        for rnd in range(cfg.at_once_rounds):
-            r = await _round(slots, qemu, rnd)
-            batch.rounds.append(r)
-            where = f"at once x{count} round {rnd + 1}/{cfg.at_once_rounds}"
-            if r.errors:
-                failed += [f"{where}: {e}" for e in r.errors]
-                say(f"FAILED {where}: {'; '.join(r.errors)}")
-                break  # a VM that failed is gone or rolled back: stop this count
-            say(f"{where}: wall {1000 * (r.wall or 0):.1f} ms")
-        broken = any(r.errors for r in batch.rounds)  # a VM may be gone
-        for rnd in range(cfg.at_once_rounds if count > 1 and not broken else 0):
-            r = await _round(slots[:1], qemu, rnd)
-            batch.alone.append(r)
-            where = f"one of {count} alone round {rnd + 1}/{cfg.at_once_rounds}"
-            if r.errors:
-                failed += [f"{where}: {e}" for e in r.errors]
-                say(f"FAILED {where}: {'; '.join(r.errors)}")
-                break
-            say(f"{where}: wall {1000 * (r.wall or 0):.1f} ms")
+        ok = await _rounds(slots, qemu, cfg.at_once_rounds, f"at once x{count}",
+                           batch.rounds, failed)
+        if ok and count > 1:
+            await _rounds(slots[:1], qemu, cfg.at_once_rounds, f"one of {count} alone",
+                          batch.alone, failed)
     finally:
         for slot in slots:
             await slot.close()
