@@ -291,7 +291,10 @@ def summary_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     if not res:
         return []
     fig = res["figures"]
-    rows = fig.get("updates", []) + ([fig["migration"]] if "migration" in fig else [])
+    # "updates" is the count asked for until the scenario records its rows
+    updates = fig.get("updates")
+    rows = ((updates if isinstance(updates, list) else [])
+            + ([fig["migration"]] if "migration" in fig else []))
     lines = ["L2 mtty (migration-capable mdev): pause per update (QMP STOP->RESUME, "
              "guest heartbeat gap)"]
     for u in rows:

@@ -37,8 +37,13 @@ class Sample:
     pid: int
     pause_qmp: float | None
     pause_guest: float | None
-    fds: int
+    #: QEMU's open fds (link targets), settled (`settled_fds`)
+    fd_targets: list[str]
     rss_anon_kib: int
+
+    @property
+    def fds(self) -> int:
+        return len(self.fd_targets)
 
 
 @dataclass
@@ -57,6 +62,30 @@ class SoakResult:
         transfer, the same process's after an exec)."""
         same = [s for s in self.samples if s.mode == mode]
         return same[0], same[-1]
+
+
+def fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return sorted(out)
+
+
+async def settled_fds(pid: int, *, tries: int = 20) -> list[str]:
+    """*pid*'s open fds once two reads 0.1 s apart agree: right after an
+    update QEMU may still hold a transient one (CI saw 23 fds after the first
+    cpr-exec, 22 after the last)."""
+    last = fd_targets(pid)
+    for _ in range(tries):
+        await asyncio.sleep(0.1)
+        now = fd_targets(pid)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def rss_anon_kib(pid: int) -> int:
@@ -93,7 +122,7 @@ async def soak(*, qemu: Path, guest: Path, run_root: Path, updates: int, size: s
                                            verify_pass=False)
                 assert vm.pid is not None
                 s = Sample(i + 1, mode, vm.pid, report.pause_qmp, report.pause_guest,
-                           len(os.listdir(f"/proc/{vm.pid}/fd")), rss_anon_kib(vm.pid))
+                           await settled_fds(vm.pid), rss_anon_kib(vm.pid))
                 result.samples.append(s)
                 if progress:
                     print(f"{s.update:5d} {mode:<13} pid {s.pid:<8} "

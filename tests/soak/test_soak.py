@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from .soak import MODES, soak, summary
@@ -20,7 +21,10 @@ async def test_soak(qemu_binary: Path, guest_image: Path, run_root: Path) -> Non
     assert result.passes_after > 0
     for mode in MODES:
         first, last = result.flat(mode)
-        assert last.fds == first.fds, f"{mode}: open fds {first.fds} -> {last.fds}"
+        # a leak grows the table by an fd per update or so; only growth is one
+        gained = Counter(last.fd_targets) - Counter(first.fd_targets)
+        assert last.fds <= first.fds, \
+            f"{mode}: open fds {first.fds} -> {last.fds}, new: {sorted(gained.elements())}"
         # a leak of one guest page per update would already be 200 KiB here;
         # a fresh cpr-transfer process may also come out smaller (CI saw
         # -1.8 %, 13364 -> 13124 KiB): only growth is a leak
