@@ -87,7 +87,7 @@ test: deps qemu qemu-upstream guest host-kernel linux-guest
 	SEALVM_STRICT_SKIPS=1 SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) \
 		SEALVM_GUEST=$(GUEST) SEALVM_HOST_KERNEL=$(HOST_KERNEL) \
 		SEALVM_LINUX_GUEST=$(LINUX_GUEST) \
-		$(PY) -m pytest -ra $(PYTEST_ARGS)
+		$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit
