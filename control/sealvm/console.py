@@ -158,11 +158,13 @@ class ConsoleLog:
         seqs = [hb.seq for hb in self.heartbeats]
         return all(b == a + 1 for a, b in zip(seqs, seqs[1:], strict=False))
 
-    def largest_gap(self, start: int = 0) -> float:
+    def largest_gap(self, start: int = 0, *, after: float | None = None) -> float:
         """Largest host-time gap between consecutive heartbeats from index
-        *start* on (seconds)."""
+        *start* on (seconds); with *after* (monotonic), only the gaps that
+        began at or after it."""
         times = [hb.host_time for hb in self.heartbeats[start:]]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in zip(times, times[1:], strict=False)
+                    if after is None or a >= after), default=0.0)
 
 
 def read_console(path: Path) -> ConsoleLog:

@@ -31,6 +31,10 @@ def test_log_counts_and_gaps() -> None:
     assert log.counter_continuous()
     assert abs(log.largest_gap() - 0.10) < 1e-9
     assert abs(log.largest_gap(3) - 0.01) < 1e-9
+    # only gaps that began at or after a moment (a resume): not the pause
+    assert abs(log.largest_gap(after=0.05) - 0.01) < 1e-9
+    assert abs(log.largest_gap(after=0.02) - 0.10) < 1e-9
+    assert log.largest_gap(after=0.2) == 0.0
     assert log.mismatched_words == 3
     log.add("HB 0 t=0 gen=0 mism=0", 0.2)  # a reset guest starts over
     assert not log.counter_continuous()

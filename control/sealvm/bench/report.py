@@ -26,6 +26,7 @@ FIGURES: dict[str, Callable[[Sample], float | None]] = {
     "ctl_added": lambda s: (None if s.report is None or s.report.pause_guest is None
                             or s.report.pause_qmp is None
                             else s.report.pause_guest - s.report.pause_qmp),
+    "stall_after": lambda s: None if s.report is None else s.report.stall_after_resume,
     "resident": lambda s: None if s.resident is None else float(s.resident),
     "mapped": lambda s: None if s.mapped is None else float(s.mapped),
 }
@@ -81,7 +82,7 @@ def table(points: list[Point]) -> list[str]:
     """The table, then each point's phases (ms, p50/p95)."""
     head = ["mode", "RAM", "resident", "mapped", "n", "guest p50/p95/max",
             "QMP p50/p95/max", "teardown p50/p95/max", "total p50/p95/max",
-            "ctl added p50/p95"]
+            "ctl added p50/p95", "after resume p50/p95/max"]
     rows = [head]
     for p in points:
         f = figures(p)
@@ -91,7 +92,7 @@ def table(points: list[Point]) -> list[str]:
                      _pct(f["mapped"], p.size), f"{ok}/{n}" if ok != n else str(n),
                      cell(f["pause_guest"]), cell(f["pause_qmp"]),
                      cell(f["teardown"], na=p.teardown_kind), cell(f["total"]),
-                     cell(f["ctl_added"], stats=("p50", "p95"))])
+                     cell(f["ctl_added"], stats=("p50", "p95")), cell(f["stall_after"])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
@@ -103,7 +104,9 @@ def table(points: list[Point]) -> list[str]:
         "to the exit of the old address space's holder (sealvm cpr-exec); 'in exec': stock",
         "cpr-exec unmaps it inside exec(), in the pause; 'in total': the old QEMU's exit is in",
         "the update (phase handover).  total: start of the update to its end or the old address",
-        "space gone, whichever is later.",
+        "space gone, whichever is later.  after resume: the largest heartbeat gap that began",
+        "after the controller saw QEMU resume the guest (a stall once it runs again, not the",
+        "pause), which guest p50/p95/max includes when it is the larger.",
         "",
         "phases, ms p50/p95:",
     ]

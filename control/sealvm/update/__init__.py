@@ -182,6 +182,10 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
                 await follower.wait_heartbeats(3, timeout)
                 gap = follower.log.largest_gap(first)
                 report.pause_guest = max(0.0, gap - heartbeat_interval)
+                resumed = clock.ended.get("resume")
+                if resumed is not None:
+                    stall = follower.log.largest_gap(first, after=resumed)
+                    report.stall_after_resume = max(0.0, stall - heartbeat_interval)
                 report.heartbeat_continuous = follower.log.counter_continuous()
                 if verify_pass:
                     await follower.wait_full_pass(timeout)

@@ -52,6 +52,11 @@ class UpdateReport:
     resumed_at: float | None = None
     #: largest heartbeat gap minus the heartbeat interval (seconds).
     pause_guest: float | None = None
+    #: the largest heartbeat gap that began after the controller saw QEMU
+    #: resume the guest, minus the heartbeat interval (seconds): a stall of
+    #: the running guest after the pause (the old QEMU's exit, the
+    #: controller's hand-over), part of `pause_guest` when it is the larger
+    stall_after_resume: float | None = None
     heartbeat_continuous: bool | None = None
     #: words the guest found changed: its own ``mism=`` counter, after a
     #: complete verified pass that began after the update
@@ -87,11 +92,14 @@ class Clock:
     def __init__(self, progress: Progress | None) -> None:
         self.start = self.last = time.monotonic()
         self.phases: dict[str, float] = {}
+        #: phase -> when it ended (monotonic)
+        self.ended: dict[str, float] = {}
         self.progress = progress
 
     def mark(self, phase: str) -> None:
         now = time.monotonic()
         self.phases[phase] = now - self.last
+        self.ended[phase] = now
         self.last = now
         if self.progress is not None:
             self.progress(phase, self.phases[phase])
