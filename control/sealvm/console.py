@@ -158,13 +158,26 @@ class ConsoleLog:
         seqs = [hb.seq for hb in self.heartbeats]
         return all(b == a + 1 for a, b in zip(seqs, seqs[1:], strict=False))
 
-    def largest_gap(self, start: int = 0, *, after: float | None = None) -> float:
+    def largest_gap(self, start: int = 0, *, after: float | None = None,
+                    before: float | None = None) -> float:
         """Largest host-time gap between consecutive heartbeats from index
         *start* on (seconds); with *after* (monotonic), only the gaps that
-        began at or after it."""
+        began at or after it; with *before*, only those that ended at or
+        before it."""
         times = [hb.host_time for hb in self.heartbeats[start:]]
         return max((b - a for a, b in zip(times, times[1:], strict=False)
-                    if after is None or a >= after), default=0.0)
+                    if (after is None or a >= after) and (before is None or b <= before)),
+                   default=0.0)
+
+    def gap_around(self, when: float, start: int = 0) -> tuple[float, float] | None:
+        """The gap between consecutive heartbeats (from index *start* on)
+        that *when* (monotonic) falls in: its (begin, end) host times; None
+        when no heartbeat came before or after *when*."""
+        times = [hb.host_time for hb in self.heartbeats[start:]]
+        for a, b in zip(times, times[1:], strict=False):
+            if a <= when < b:
+                return a, b
+        return None
 
 
 def read_console(path: Path) -> ConsoleLog:

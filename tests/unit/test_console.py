@@ -35,6 +35,14 @@ def test_log_counts_and_gaps() -> None:
     assert abs(log.largest_gap(after=0.05) - 0.01) < 1e-9
     assert abs(log.largest_gap(after=0.02) - 0.10) < 1e-9
     assert log.largest_gap(after=0.2) == 0.0
+    # only gaps that ended by a moment (the pause's start): the stalls before it
+    assert abs(log.largest_gap(before=0.12) - 0.10) < 1e-9
+    assert abs(log.largest_gap(before=0.11) - 0.01) < 1e-9
+    assert log.largest_gap(before=0.0) == 0.0
+    # the gap a moment falls in
+    assert log.gap_around(0.05) == (0.02, 0.12)
+    assert log.gap_around(0.12) == (0.12, 0.13)
+    assert log.gap_around(0.5) is None and log.gap_around(-1.0) is None
     assert log.mismatched_words == 3
     log.add("HB 0 t=0 gen=0 mism=0", 0.2)  # a reset guest starts over
     assert not log.counter_continuous()
@@ -50,3 +58,32 @@ def test_mismatch_counter_is_the_guests_own() -> None:
     assert log.mismatch_counter() == 7 and not log.mismatches
     log.add("HB 2 t=20 gen=1")  # a heartbeat without the counter changes nothing
     assert log.mismatch_counter() == 7
+
+
+def test_locate_pause_splits_the_gaps() -> None:
+    """The gap around QEMU's STOP -> RESUME is the pause; a longer stall
+    before it (the new QEMU starting beside the guest) is not."""
+    import time
+
+    from sealvm.update.report import UpdateReport, locate_pause
+
+    mono_to_wall = time.time() - time.monotonic()
+    t0 = time.monotonic() - 10.0
+    log = ConsoleLog()
+    # heartbeats every 10 ms; a 30 ms gap (20 ms stall) after 0.02; QEMU
+    # stops at 0.305 and resumes at 0.320, the first heartbeat after at 0.325
+    stamps = [0.00, 0.01, 0.02] + [i / 100 for i in range(5, 31)] + [0.325, 0.335]
+    for seq, t in enumerate(stamps):
+        log.add(f"HB {seq} t={seq * 10} gen=0 mism=0", t0 + t)
+    report = UpdateReport(mode="cpr-transfer", qemu_before="q", qemu_after="q",
+                          pid_before=1, pid_after=2, ram_before=[], ram_after=[],
+                          pause_qmp=0.015, resumed_at=t0 + 0.320 + mono_to_wall)
+    locate_pause(report, log, 0, 0.010)
+    assert report.pause_gap is not None and abs(report.pause_gap - 0.015) < 1e-3
+    assert report.stall_before_stop is not None
+    assert abs(report.stall_before_stop - 0.020) < 1e-3
+    # without QMP timestamps (a paused guest) nothing is located
+    bare = UpdateReport(mode="cpr-exec", qemu_before="q", qemu_after="q", pid_before=1,
+                        pid_after=1, ram_before=[], ram_after=[])
+    locate_pause(bare, log, 0, 0.010)
+    assert bare.pause_gap is None and bare.stall_before_stop is None

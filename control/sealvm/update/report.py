@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import procfs
+from ..console import ConsoleLog
 from ..errors import UpdateError
 
 
@@ -50,8 +51,17 @@ class UpdateReport:
     #: QEMU's RESUME event timestamp (wall clock, seconds since the epoch);
     #: None when the guest was not resumed
     resumed_at: float | None = None
-    #: largest heartbeat gap minus the heartbeat interval (seconds).
+    #: largest heartbeat gap minus the heartbeat interval (seconds): the
+    #: longest the guest saw no progress during the update, wherever it was
     pause_guest: float | None = None
+    #: the heartbeat gap around QEMU's STOP -> RESUME, minus the heartbeat
+    #: interval (seconds): the pause itself as the guest saw it
+    pause_gap: float | None = None
+    #: the largest heartbeat gap that ended before that one, minus the
+    #: interval (seconds): a stall of the guest while the update was being
+    #: prepared (the new QEMU starting beside it), part of `pause_guest`
+    #: when it is the larger
+    stall_before_stop: float | None = None
     #: the largest heartbeat gap that began after the controller saw QEMU
     #: resume the guest, minus the heartbeat interval (seconds): a stall of
     #: the running guest after the pause (the old QEMU's exit, the
@@ -103,6 +113,23 @@ class Clock:
         self.last = now
         if self.progress is not None:
             self.progress(phase, self.phases[phase])
+
+
+def locate_pause(report: UpdateReport, log: ConsoleLog, first: int, interval: float) -> None:
+    """Split the heartbeat gaps at QEMU's pause: `pause_gap` is the gap that
+    the middle of QEMU's STOP -> RESUME (its event timestamps, wall clock,
+    moved onto the monotonic clock the heartbeats are stamped on) falls in,
+    `stall_before_stop` the largest gap that ended before it."""
+    if report.resumed_at is None or report.pause_qmp is None:
+        return
+    wall_to_mono = time.monotonic() - time.time()
+    middle = report.resumed_at - report.pause_qmp / 2 + wall_to_mono
+    around = log.gap_around(middle, first)
+    if around is None:
+        return
+    begin, end = around
+    report.pause_gap = max(0.0, end - begin - interval)
+    report.stall_before_stop = max(0.0, log.largest_gap(first, before=begin) - interval)
 
 
 def verify(report: UpdateReport) -> None:
