@@ -150,9 +150,10 @@ bench: deps qemu qemu-upstream guest
 	SEALVM_QEMU=$(QEMU) SEALVM_QEMU_UPSTREAM=$(QEMU_UPSTREAM) SEALVM_GUEST=$(GUEST) \
 		$(PY) -m sealvm.bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
-# Each p50/p95 of the last `make bench` against the run before it (no VM runs).
+# Each p50/p95 of the last `make bench` against the run before it, or, after
+# a clone's first run, against the published one (no VM runs).
 bench-compare: venv
-	$(PY) -m sealvm.bench --compare --out $(BENCH_OUT)
+	$(PY) -m sealvm.bench --compare --out $(BENCH_OUT) --baseline docs/bench-history.jsonl
 
 # Part 1: the test guest, RAM and seals through updates; part 2: an operator's
 # VM, the Linux guest with TCP, UDP and its disk writer (tests/linux/demo.py).

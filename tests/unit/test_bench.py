@@ -248,6 +248,37 @@ def test_history_appends_and_compares(tmp_path: Path) -> None:
     assert any("p50 0.300 -> 0.300" in line for line in lines)
 
 
+def test_first_run_compares_against_the_published_one(tmp_path: Path) -> None:
+    """A fresh clone's first `make bench`: `make bench-compare` compares it
+    against the last run of the published history; with two runs of its own,
+    against its own previous one."""
+    published = tmp_path / "published.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+    history.append(tmp_path, _entry("2026-12-01T13:00:00+00:00", 0.050, 0.060))
+    (tmp_path / history.HISTORY).rename(published)
+    assert history.compare_last(out, baseline=published)[0] == 1  # no run of its own
+    history.append(out, _entry("2026-12-02T08:00:00+00:00", 0.040, 0.050))
+    assert history.compare_last(out)[0] == 1
+    status, lines = history.compare_last(out, baseline=published)
+    assert status == 0 and "published" in lines[0]
+    row = next(line for line in lines if "pause_guest" in line)
+    assert "50.0 -> 40.0 (-20%)" in row
+    history.append(out, _entry("2026-12-02T09:00:00+00:00", 0.044, 0.050))
+    status, lines = history.compare_last(out, baseline=published)
+    assert "published" not in lines[0]
+    assert "40.0 -> 44.0 (+10%)" in next(line for line in lines if "pause_guest" in line)
+
+
+def test_baseline_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        args.parse(["--compare", "--baseline", str(tmp_path / "nope.jsonl")])
+    assert exc.value.code == 2 and "--baseline" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        args.parse(["--baseline", str(tmp_path)])
+    assert exc.value.code == 2 and "only with --compare" in capsys.readouterr().err
+
+
 def test_dated_table_names_do_not_overwrite(tmp_path: Path) -> None:
     when = datetime(2026, 11, 30, 8, 5, tzinfo=UTC)
     assert history.table_stem(when, tmp_path) == "bench-2026-11-30T0805"

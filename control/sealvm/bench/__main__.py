@@ -86,7 +86,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     cfg = args.parse(argv, doc=DOC)
     if cfg.compare:
-        status, lines = history.compare_last(cfg.out)
+        status, lines = history.compare_last(cfg.out, baseline=cfg.baseline)
         print("\n".join(lines))
         return status
     return asyncio.run(run(cfg))

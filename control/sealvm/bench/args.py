@@ -58,6 +58,8 @@ class Config:
     qemu_upstream: Path | None
     guest: Path | None
     compare: bool
+    #: --compare: the published history, compared against while OUT holds one run
+    baseline: Path | None = None
     at_once: list[int] = field(default_factory=list)
     at_once_size: int = 512 << 20
     at_once_rounds: int = DEFAULT_AT_ONCE_ROUNDS
@@ -113,6 +115,10 @@ def parser(doc: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="run nothing: print the change of each p50/p95 of the last run in "
                         "OUT/history.jsonl against the run before it")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="with --compare: a history file (the published runs, "
+                        "docs/bench-history.jsonl) whose last run is the one compared "
+                        "against while OUT holds a single run")
     p.add_argument("--qemu", default=os.environ.get("SEALVM_QEMU"))
     p.add_argument("--qemu-upstream", default=os.environ.get("SEALVM_QEMU_UPSTREAM"))
     p.add_argument("--guest", default=os.environ.get("SEALVM_GUEST"))
@@ -161,9 +167,15 @@ def parse(argv: list[str] | None = None, *, doc: str | None = None) -> Config:
     p = parser(doc)
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.baseline is not None and not a.compare:
+        p.error("--baseline: only with --compare")
     if a.compare:
+        baseline = Path(a.baseline) if a.baseline else None
+        if baseline is not None and not baseline.is_file():
+            p.error(f"--baseline: {baseline}: no such file")
         return Config(sizes=[], hugetlb_sizes=[], modes=[], updates=0, vms=a.vms, out=out,
-                      qemu=None, qemu_upstream=None, guest=None, compare=True)
+                      qemu=None, qemu_upstream=None, guest=None, compare=True,
+                      baseline=baseline)
     modes = [m.strip() for m in a.modes.split(",")]
     if not a.modes.strip() or any(not m for m in modes):
         p.error(f"--modes: empty mode in {a.modes!r}; known: {', '.join(MODES)}")

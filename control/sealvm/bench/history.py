@@ -109,7 +109,11 @@ def append(out: Path, entry: dict[str, Any]) -> Path:
 def load(out: Path) -> list[dict[str, Any]]:
     """Every run in ``out/history.jsonl``, oldest first (unparseable lines
     are skipped: a run killed mid-write)."""
-    path = out / HISTORY
+    return load_file(out / HISTORY)
+
+
+def load_file(path: Path) -> list[dict[str, Any]]:
+    """Every run in the history file *path*, oldest first."""
     if not path.exists():
         return []
     runs = []
@@ -185,10 +189,17 @@ def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
     return lines
 
 
-def compare_last(out: Path) -> tuple[int, list[str]]:
-    """(exit status, lines) for ``make bench-compare``."""
+def compare_last(out: Path, *, baseline: Path | None = None) -> tuple[int, list[str]]:
+    """(exit status, lines) for ``make bench-compare``: the last run in
+    *out* against the one before it; while *out* holds a single run (a
+    fresh clone's first `make bench`), against the last run of the
+    *baseline* history (the published one)."""
     runs = load(out)
-    if len(runs) < 2:
-        return 1, [f"{out / HISTORY}: {len(runs)} run(s) recorded; "
-                   "comparing needs two (run `make bench` again)"]
-    return 0, compare(runs[-2], runs[-1])
+    if len(runs) >= 2:
+        return 0, compare(runs[-2], runs[-1])
+    published = load_file(baseline) if baseline is not None else []
+    if len(runs) == 1 and published:
+        return 0, [f"(previous: the last published run, {baseline})",
+                   *compare(published[-1], runs[-1])]
+    return 1, [f"{out / HISTORY}: {len(runs)} run(s) recorded; "
+               "comparing needs two (run `make bench` again)"]
