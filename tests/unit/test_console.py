@@ -60,12 +60,12 @@ def test_mismatch_counter_is_the_guests_own() -> None:
     assert log.mismatch_counter() == 7
 
 
-def test_locate_pause_splits_the_gaps() -> None:
+def test_measure_gaps_splits_them_at_the_pause() -> None:
     """The gap around QEMU's STOP -> RESUME is the pause; a longer stall
     before it (the new QEMU starting beside the guest) is not."""
     import time
 
-    from sealvm.update.report import UpdateReport, locate_pause
+    from sealvm.update.report import UpdateReport, measure_gaps
 
     mono_to_wall = time.time() - time.monotonic()
     t0 = time.monotonic() - 10.0
@@ -78,12 +78,16 @@ def test_locate_pause_splits_the_gaps() -> None:
     report = UpdateReport(mode="cpr-transfer", qemu_before="q", qemu_after="q",
                           pid_before=1, pid_after=2, ram_before=[], ram_after=[],
                           pause_qmp=0.015, resumed_at=t0 + 0.320 + mono_to_wall)
-    locate_pause(report, log, 0, 0.010)
+    measure_gaps(report, log, 0, 0.010, resumed=t0 + 0.321)
     assert report.pause_gap is not None and abs(report.pause_gap - 0.015) < 1e-3
     assert report.stall_before_stop is not None
     assert abs(report.stall_before_stop - 0.020) < 1e-3
+    # the largest gap of all is the stall; nothing long after the resume
+    assert report.pause_guest is not None and abs(report.pause_guest - 0.020) < 1e-3
+    assert report.stall_after_resume is not None and report.stall_after_resume < 1e-3
     # without QMP timestamps (a paused guest) nothing is located
     bare = UpdateReport(mode="cpr-exec", qemu_before="q", qemu_after="q", pid_before=1,
                         pid_after=1, ram_before=[], ram_after=[])
-    locate_pause(bare, log, 0, 0.010)
+    measure_gaps(bare, log, 0, 0.010, resumed=None)
     assert bare.pause_gap is None and bare.stall_before_stop is None
+    assert bare.stall_after_resume is None and bare.pause_guest is not None

@@ -36,7 +36,7 @@ from .context import UpdateContext
 from .journal import Journal
 from .monitor import UPDATABLE
 from .recover import RecoverReport, abandon, plan_recovery, recover
-from .report import Clock, Progress, RamBlock, UpdateReport, locate_pause, ram_blocks, verify
+from .report import Clock, Progress, RamBlock, UpdateReport, measure_gaps, ram_blocks, verify
 
 log = logging.getLogger("sealvm.update")
 
@@ -180,13 +180,8 @@ async def _update(vm: Machine, *, qemu: Path | None, mode: str,
             report.total = time.monotonic() - clock.start
             if follower is not None and heartbeat_interval is not None:
                 await follower.wait_heartbeats(3, timeout)
-                gap = follower.log.largest_gap(first)
-                report.pause_guest = max(0.0, gap - heartbeat_interval)
-                resumed = clock.ended.get("resume")
-                if resumed is not None:
-                    stall = follower.log.largest_gap(first, after=resumed)
-                    report.stall_after_resume = max(0.0, stall - heartbeat_interval)
-                locate_pause(report, follower.log, first, heartbeat_interval)
+                measure_gaps(report, follower.log, first, heartbeat_interval,
+                             resumed=clock.ended.get("resume"))
                 report.heartbeat_continuous = follower.log.counter_continuous()
                 if verify_pass:
                     await follower.wait_full_pass(timeout)

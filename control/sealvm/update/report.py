@@ -115,11 +115,21 @@ class Clock:
             self.progress(phase, self.phases[phase])
 
 
-def locate_pause(report: UpdateReport, log: ConsoleLog, first: int, interval: float) -> None:
-    """Split the heartbeat gaps at QEMU's pause: `pause_gap` is the gap that
-    the middle of QEMU's STOP -> RESUME (its event timestamps, wall clock,
-    moved onto the monotonic clock the heartbeats are stamped on) falls in,
-    `stall_before_stop` the largest gap that ended before it."""
+def measure_gaps(report: UpdateReport, log: ConsoleLog, first: int, interval: float, *,
+                 resumed: float | None) -> None:
+    """The guest's pauses, from its heartbeats (from index *first*, every
+    *interval* seconds): `pause_guest`, the largest gap; `stall_after_resume`,
+    the largest that began after *resumed* (monotonic: when the controller
+    saw QEMU resume the guest); `pause_gap`, the gap that the middle of QEMU's
+    STOP -> RESUME falls in (its event timestamps, wall clock, moved onto the
+    monotonic clock the heartbeats are stamped on), and `stall_before_stop`,
+    the largest gap that ended before that one.  Each less one interval."""
+    def less(gap: float) -> float:
+        return max(0.0, gap - interval)
+
+    report.pause_guest = less(log.largest_gap(first))
+    if resumed is not None:
+        report.stall_after_resume = less(log.largest_gap(first, after=resumed))
     if report.resumed_at is None or report.pause_qmp is None:
         return
     wall_to_mono = time.monotonic() - time.time()
@@ -128,8 +138,8 @@ def locate_pause(report: UpdateReport, log: ConsoleLog, first: int, interval: fl
     if around is None:
         return
     begin, end = around
-    report.pause_gap = max(0.0, end - begin - interval)
-    report.stall_before_stop = max(0.0, log.largest_gap(first, before=begin) - interval)
+    report.pause_gap = less(end - begin)
+    report.stall_before_stop = less(log.largest_gap(first, before=begin))
 
 
 def verify(report: UpdateReport) -> None:
