@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .stats import value_text
+
 HISTORY = "history.jsonl"
 
 
@@ -142,13 +144,9 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{1000 * v:.1f}"
 
 
-def _ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
     """Lines saying how each p50 and p95 of *last* moved against *prev*
-    (milliseconds; ratios as they are)."""
+    (milliseconds; ratios as they are, times in milliseconds)."""
     lines = [f"previous: {prev.get('date')}  commit {prev.get('commit')}  "
              f"load {prev.get('load_start')} -> {prev.get('load_end')}",
              f"last:     {last.get('date')}  commit {last.get('commit')}  "
@@ -184,8 +182,10 @@ def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
             o = ratios_prev.get(name) or {}
             if all(d.get(s) is None for d in (o, r) for s in ("p50", "p95")):
                 continue  # measured in neither run
-            lines.append(f"  {name:<58} p50 {_ratio(o.get('p50'))} -> {_ratio(r.get('p50'))}"
-                         f"   p95 {_ratio(o.get('p95'))} -> {_ratio(r.get('p95'))}")
+            lines.append(f"  {name:<58} "
+                         f"p50 {value_text(name, o.get('p50'))} -> {value_text(name, r.get('p50'))}"
+                         f"   p95 {value_text(name, o.get('p95'))} -> "
+                         f"{value_text(name, r.get('p95'))}")
     return lines
 
 

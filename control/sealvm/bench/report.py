@@ -14,7 +14,7 @@ from typing import Any
 from .args import MODES
 from .batch import Batch
 from .run import TEARDOWN_HOLDER, Point, Sample
-from .stats import Dist, summarize
+from .stats import Dist, in_seconds, summarize, value_text
 
 #: figure -> what it is, for the table's legend
 FIGURES: dict[str, Callable[[Sample], float | None]] = {
@@ -241,17 +241,16 @@ def verdict(values: dict[str, float | None], goal: float) -> str:
 
 
 def ratio_lines(r: dict[str, dict[str, float | None]]) -> list[str]:
-    def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
     lines = ["ratios and goals, on p50 and p95 (goal in brackets, met only if both meet it):"]
     for k, v in r.items():
         goal = GOALS.get(k)
         if goal is None and all(v.get(s) is None for s in STATS):
             continue  # not a goal, and this run did not measure it
-        line = f"  {k:<58} p50 {fmt(v.get('p50')):>7}  p95 {fmt(v.get('p95')):>7}"
+        line = (f"  {k:<58} p50 {value_text(k, v.get('p50')):>8}  "
+                f"p95 {value_text(k, v.get('p95')):>8}")
         if goal is not None:
-            line += f"  [<= {goal}]  {verdict(v, goal)}"
+            bound = f"{1000 * goal:g} ms" if in_seconds(k) else f"{goal}"
+            line += f"  [<= {bound}]  {verdict(v, goal)}"
         lines.append(line)
     return lines
 

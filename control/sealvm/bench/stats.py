@@ -1,6 +1,6 @@
 """
 The bench's one statistic: p50, p95 and max of a sample, with its count of
-missing values.
+missing values; and how a ratio or goal value prints.
 
 Percentiles are nearest-rank (the smallest value with at least q % of the
 sample at or below it): every figure printed is a measured value, never an
@@ -64,3 +64,18 @@ def summarize(values: Iterable[float | None]) -> Dist:
     if not ok:
         return Dist(len(all_values), 0, None, None, None)
     return Dist(len(all_values), len(ok), percentile(ok, 50), percentile(ok, 95), max(ok))
+
+
+def in_seconds(name: str) -> bool:
+    """Whether the ratio or goal *name* is a time (its name ends in "s)"),
+    not a bare ratio."""
+    return name.endswith(("(s)", ", s)"))
+
+
+def value_text(name: str, v: float | None) -> str:
+    """*v*, a value of the ratio or goal *name*: a time in milliseconds to
+    0.1 ms (so that 60.4 ms does not print as a bound of 0.060 s it
+    missed), a ratio to three decimals, None as "-"."""
+    if v is None:
+        return "-"
+    return f"{1000 * v:.1f} ms" if in_seconds(name) else f"{v:.3f}"
