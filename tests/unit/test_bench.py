@@ -250,6 +250,21 @@ def test_history_appends_and_compares(tmp_path: Path) -> None:
     assert any("p50 0.300 -> 0.300" in line for line in lines)
     # a time prints in ms: 60.4 ms is not "0.060", the bound it missed
     assert any("p50 50.4 ms -> 50.4 ms   p95 60.4 ms -> 60.4 ms" in line for line in lines)
+    assert not any(line.startswith("note:") for line in lines)  # same machine, same args
+
+
+def test_compare_notes_what_differs_but_the_uptime() -> None:
+    a = _entry("2026-11-30T08:00:00+00:00", 0.040, 0.050)
+    b = _entry("2026-11-30T09:00:00+00:00", 0.040, 0.050)
+    a["machine"] = {"nproc": 2, "uptime_s": 100, "qemu": {"sealvm": "k1"}}
+    b["machine"] = {"nproc": 2, "uptime_s": 3700, "qemu": {"sealvm": "k1"}}
+    assert not any(line.startswith("note:") for line in history.compare(a, b))
+    b["machine"] = {"nproc": 4, "uptime_s": 3700, "qemu": {"sealvm": "k2"}}
+    b["args"] = {"updates": 5}
+    notes = [line for line in history.compare(a, b) if line.startswith("note:")]
+    assert notes == [
+        "note: machine differ: nproc 2 -> 4; qemu {'sealvm': 'k1'} -> {'sealvm': 'k2'}",
+        "note: args differ: updates 20 -> 5"]
 
 
 def test_first_run_compares_against_the_published_one(tmp_path: Path) -> None:

@@ -144,6 +144,20 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{1000 * v:.1f}"
 
 
+#: machine facts that differ between any two runs: not worth a note
+CHANGES_ANYWAY = ("uptime_s",)
+
+
+def _differences(old: Any, new: Any) -> str:
+    """What differs between two runs' *old* and *new* (dicts: key by key,
+    the uptime left out; else both whole); "" when nothing does."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "" if old == new else f"{old} vs {new}"
+    keys = [k for k in sorted(set(old) | set(new), key=str)
+            if k not in CHANGES_ANYWAY and old.get(k) != new.get(k)]
+    return "; ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys)
+
+
 def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
     """Lines saying how each p50 and p95 of *last* moved against *prev*
     (milliseconds; ratios as they are, times in milliseconds)."""
@@ -152,8 +166,9 @@ def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
              f"last:     {last.get('date')}  commit {last.get('commit')}  "
              f"load {last.get('load_start')} -> {last.get('load_end')}"]
     for key in ("machine", "args"):
-        if prev.get(key) != last.get(key):
-            lines.append(f"note: {key} differ: {prev.get(key)} vs {last.get(key)}")
+        changed = _differences(prev.get(key), last.get(key))
+        if changed:
+            lines.append(f"note: {key} differ: {changed}")
     before = {(p["mode"], p["size"]): p for p in prev.get("points", [])}
     lines.append("")
     lines.append(f"{'mode':<18} {'RAM':>6} {'figure':<12} {'p50 ms':<28} {'p95 ms':<28}")
