@@ -160,7 +160,8 @@ def _differences(old: Any, new: Any) -> str:
 
 def compare(prev: dict[str, Any], last: dict[str, Any]) -> list[str]:
     """Lines saying how each p50 and p95 of *last* moved against *prev*
-    (milliseconds; ratios as they are, times in milliseconds)."""
+    (figures in milliseconds; ratios as they are, or in milliseconds where
+    they are times: `value_text`)."""
     lines = [f"previous: {prev.get('date')}  commit {prev.get('commit')}  "
              f"load {prev.get('load_start')} -> {prev.get('load_end')}",
              f"last:     {last.get('date')}  commit {last.get('commit')}  "
